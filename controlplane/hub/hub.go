@@ -1,0 +1,655 @@
+// Package hub is the fleet's live registry and event fan-out.
+//
+// Live state — online, last seen, metrics, running command — lives here in
+// memory; a heartbeat touches only this and costs no disk write (last-seen is
+// written in batches). Every change is published as a typed
+// [fleetv1.FleetEvent] to the watchers, in order, under one lock, so a
+// watcher's snapshot plus the events after it is always the current state.
+//
+// A watcher never blocks the publisher: each has a bounded queue in which a
+// newer heartbeat for a host replaces an unsent older one; a watcher whose
+// queue overflows is marked for resync and gets a fresh snapshot instead of
+// the events it missed. Command output is stored before it is published, so a
+// resynced watcher can fetch what it missed.
+package hub
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/nixplane/nixplane/controlplane/status"
+	"github.com/nixplane/nixplane/controlplane/store"
+	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
+	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
+)
+
+// Errors a session may end with; they are its context's cause.
+var (
+	// ErrReplaced: a newer connection for the same host took over.
+	ErrReplaced = errors.New("replaced by a newer connection for this host")
+	// ErrHeartbeatTimeout: no heartbeat within three intervals.
+	ErrHeartbeatTimeout = errors.New("no heartbeat within three intervals")
+	// ErrRemoved: the host was removed or its token revoked.
+	ErrRemoved = errors.New("host removed or its token revoked")
+	// ErrUnknownHost: no such host.
+	ErrUnknownHost = errors.New("unknown host")
+	// ErrShutdown: the server is stopping.
+	ErrShutdown = errors.New("server shutting down")
+)
+
+// Sender sends a message down an agent's stream. Implementations must be
+// safe for concurrent use.
+type Sender interface {
+	Send(*agentv1.ConnectResponse) error
+}
+
+// Conn is one agent session registered with the hub.
+type Conn struct {
+	HostID string
+	sender Sender
+	cancel context.CancelCauseFunc
+	seq    uint64
+}
+
+// Send sends a message down the session's stream.
+func (c *Conn) Send(m *agentv1.ConnectResponse) error { return c.sender.Send(m) }
+
+// Close ends the session with cause.
+func (c *Conn) Close(cause error) { c.cancel(cause) }
+
+type liveHost struct {
+	// rec holds durable fields and update status; it is immutable once
+	// stored here (copy on write), so snapshots may share it.
+	rec      *fleetv1.Host
+	online   bool
+	lastSeen time.Time
+	metrics  *typesv1.Metrics
+	conn     *Conn
+	interval time.Duration
+	// running is the active command on this host, if any.
+	running   *fleetv1.Command
+	seenDirty bool
+}
+
+// Config configures a [Hub].
+type Config struct {
+	// ServerVersion is the agent version the server expects.
+	ServerVersion string
+	// Store persists host records and last-seen times.
+	Store store.Hosts
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// QueueLimit bounds each watcher's queue (default 4096 events).
+	QueueLimit int
+	// DefaultInterval is assumed when an agent does not say (default 5s).
+	DefaultInterval time.Duration
+	Log             *slog.Logger
+}
+
+// Hub is the live registry. Create with [New].
+type Hub struct {
+	cfg Config
+	log *slog.Logger
+
+	mu       sync.Mutex
+	hosts    map[string]*liveHost
+	watchers map[*Watcher]struct{}
+	commands map[string]*fleetv1.Command // active (not ended) commands
+	target   *fleetv1.FleetTarget
+	pr       *fleetv1.PendingPR
+	prConfig bool
+	connSeq  uint64
+}
+
+// New returns a hub loaded with the stored hosts, all offline.
+func New(ctx context.Context, cfg Config) (*Hub, error) {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.QueueLimit <= 0 {
+		cfg.QueueLimit = 4096
+	}
+	if cfg.DefaultInterval <= 0 {
+		cfg.DefaultInterval = 5 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	h := &Hub{cfg: cfg, log: cfg.Log, hosts: map[string]*liveHost{}, watchers: map[*Watcher]struct{}{}, commands: map[string]*fleetv1.Command{}}
+	hosts, err := cfg.Store.ListHosts(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, sh := range hosts {
+		lh := &liveHost{rec: sh.Record, lastSeen: sh.LastSeen, interval: cfg.DefaultInterval}
+		if lh.rec == nil {
+			lh.rec = &fleetv1.Host{HostId: sh.ID, Hostname: sh.ID}
+		}
+		h.hosts[sh.ID] = lh
+		h.recompute(lh)
+	}
+	return h, nil
+}
+
+func (h *Hub) now() time.Time { return h.cfg.Now() }
+
+// recompute sets lh.rec to a new record with fresh compartments. Caller holds mu.
+func (h *Hub) recompute(lh *liveHost) {
+	rec := proto.Clone(lh.rec).(*fleetv1.Host)
+	rec.UpdateStatus = status.Compute(status.Inputs{Host: lh.rec, Target: h.target, ServerVersion: h.cfg.ServerVersion, Running: lh.running, Now: h.now()})
+	rec.AgentOutdated = rec.AgentVersion != "" && h.cfg.ServerVersion != "" && rec.AgentVersion != h.cfg.ServerVersion
+	lh.rec = rec
+}
+
+// view returns a fresh Host message with durable and live fields. Caller
+// holds mu; the result is not shared.
+func (h *Hub) view(lh *liveHost) *fleetv1.Host {
+	v := proto.Clone(lh.rec).(*fleetv1.Host)
+	v.Online = lh.online
+	if !lh.lastSeen.IsZero() {
+		v.LastSeen = timestamppb.New(lh.lastSeen)
+	}
+	v.Metrics = lh.metrics
+	if lh.running != nil {
+		v.RunningCommand = lh.running
+	}
+	v.HeartbeatInterval = durationpb.New(lh.interval)
+	v.AvailableCommands = availableCommands(lh)
+	return v
+}
+
+// availableCommands lists what would pass the pre-checks now.
+func availableCommands(lh *liveHost) []string {
+	if !lh.online || lh.running != nil {
+		return nil
+	}
+	return []string{"pull", "switch", "test", "pull-switch", "rollback", "restart", "reboot", "refresh"}
+}
+
+// publish queues ev for every watcher. Caller holds mu.
+func (h *Hub) publish(ev *fleetv1.FleetEvent) {
+	for w := range h.watchers {
+		w.push(ev)
+	}
+}
+
+// Publish sends an event to every watcher.
+func (h *Hub) Publish(ev *fleetv1.FleetEvent) {
+	h.mu.Lock()
+	h.publish(ev)
+	h.mu.Unlock()
+}
+
+// statusChanged publishes lh's state. Caller holds mu.
+func (h *Hub) statusChanged(lh *liveHost) {
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostStatusChanged{HostStatusChanged: &fleetv1.HostStatusChanged{Host: h.view(lh)}}})
+}
+
+// AddHost registers a new host (already stored) and announces it.
+func (h *Hub) AddHost(rec *fleetv1.Host, created time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh := &liveHost{rec: rec, interval: h.cfg.DefaultInterval}
+	h.hosts[rec.HostId] = lh
+	h.recompute(lh)
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostRegistered{HostRegistered: &fleetv1.HostRegistered{Host: h.view(lh)}}})
+}
+
+// RemoveHost forgets a host, closes its session and announces the removal.
+func (h *Hub) RemoveHost(id string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh, ok := h.hosts[id]
+	if !ok {
+		return
+	}
+	if lh.conn != nil {
+		lh.conn.Close(ErrRemoved)
+	}
+	delete(h.hosts, id)
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostRemoved{HostRemoved: &fleetv1.HostRemoved{HostId: id}}})
+}
+
+// Kick closes a host's live session, e.g. after its token was rotated.
+func (h *Hub) Kick(id string, cause error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if lh, ok := h.hosts[id]; ok && lh.conn != nil {
+		lh.conn.Close(cause)
+	}
+}
+
+// Connect registers an agent session after its hello. An older session of
+// the same host is closed with [ErrReplaced]. It returns the session and the
+// host's updated durable record, which the caller persists.
+func (h *Hub) Connect(hostID string, hello *agentv1.Hello, sender Sender, cancel context.CancelCauseFunc) (*Conn, *fleetv1.Host, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh, ok := h.hosts[hostID]
+	if !ok {
+		return nil, nil, ErrUnknownHost
+	}
+	if lh.conn != nil {
+		lh.conn.Close(ErrReplaced)
+	}
+	h.connSeq++
+	c := &Conn{HostID: hostID, sender: sender, cancel: cancel, seq: h.connSeq}
+	lh.conn = c
+	lh.online = true
+	lh.lastSeen = h.now()
+	lh.seenDirty = true
+	lh.interval = h.cfg.DefaultInterval
+	if d := hello.GetHeartbeatInterval().AsDuration(); d > 0 {
+		lh.interval = min(max(d, time.Second), 10*time.Minute)
+	}
+	rec := proto.Clone(lh.rec).(*fleetv1.Host)
+	applyHello(rec, hello, lh.rec)
+	lh.rec = rec
+	h.recompute(lh)
+	h.statusChanged(lh)
+	return c, lh.rec, nil
+}
+
+// applyHello copies what the hello says into rec; prev is the record before.
+func applyHello(rec *fleetv1.Host, hl *agentv1.Hello, prev *fleetv1.Host) {
+	rec.HostType = hl.HostType
+	rec.AgentVersion = hl.AgentVersion
+	rec.OsVersion = hl.OsVersion
+	rec.NixpkgsVersion = hl.NixpkgsVersion
+	rec.Generation = hl.Generation
+	rec.GenerationMessage = hl.GenerationMessage
+	rec.LockHash = hl.LockHash
+	rec.RepoUrl = hl.RepoUrl
+	if hl.Location != "" {
+		rec.Location = hl.Location
+	}
+	if hl.DeviceType != "" {
+		rec.DeviceType = hl.DeviceType
+	}
+	if hl.ThemeColor != "" {
+		rec.ThemeColor = hl.ThemeColor
+	}
+	rec.HeartbeatInterval = hl.HeartbeatInterval
+}
+
+// Disconnect marks a host offline when c is still its current session, and
+// tells every watcher at once.
+func (h *Hub) Disconnect(c *Conn, reason string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh, ok := h.hosts[c.HostID]
+	if !ok || lh.conn != c {
+		return
+	}
+	lh.conn = nil
+	lh.online = false
+	lh.metrics = nil
+	lh.seenDirty = true
+	ev := &fleetv1.HostOffline{HostId: c.HostID, Reason: reason}
+	if !lh.lastSeen.IsZero() {
+		ev.LastSeen = timestamppb.New(lh.lastSeen)
+	}
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostOffline{HostOffline: ev}})
+}
+
+// Heartbeat records an agent's heartbeat: live fields in memory, a
+// HostHeartbeat to watchers, and — only when generation or lock hash moved —
+// a status change. It returns the new record when durable fields changed
+// (the caller persists it), else nil.
+func (h *Hub) Heartbeat(c *Conn, hb *agentv1.Heartbeat) *fleetv1.Host {
+	now := h.now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh, ok := h.hosts[c.HostID]
+	if !ok || lh.conn != c {
+		return nil
+	}
+	lh.lastSeen = now
+	lh.seenDirty = true
+	lh.metrics = hb.Metrics
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostHeartbeat{HostHeartbeat: &fleetv1.HostHeartbeat{
+		HostId: c.HostID, LastSeen: timestamppb.New(now), Metrics: hb.Metrics, RunningCommandId: hb.RunningCommandId, SentAt: hb.SentAt,
+	}}})
+	if (hb.Generation != "" && hb.Generation != lh.rec.Generation) || hb.LockHash != lh.rec.LockHash {
+		rec := proto.Clone(lh.rec).(*fleetv1.Host)
+		if hb.Generation != "" && hb.Generation != rec.Generation {
+			rec.Generation = hb.Generation
+			rec.GenerationMessage = ""
+		}
+		rec.LockHash = hb.LockHash
+		lh.rec = rec
+		h.recompute(lh)
+		h.statusChanged(lh)
+		return lh.rec
+	}
+	return nil
+}
+
+// UpdateRecord applies fn to a copy of a host's durable record, recomputes
+// its compartments and publishes the change. It returns the new record, or
+// ErrUnknownHost.
+func (h *Hub) UpdateRecord(hostID string, fn func(*fleetv1.Host)) (*fleetv1.Host, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh, ok := h.hosts[hostID]
+	if !ok {
+		return nil, ErrUnknownHost
+	}
+	rec := proto.Clone(lh.rec).(*fleetv1.Host)
+	fn(rec)
+	lh.rec = rec
+	h.recompute(lh)
+	h.statusChanged(lh)
+	return lh.rec, nil
+}
+
+// Host returns a host's current view, or false.
+func (h *Hub) Host(id string) (*fleetv1.Host, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh, ok := h.hosts[id]
+	if !ok {
+		return nil, false
+	}
+	return h.view(lh), true
+}
+
+// Hosts returns every host's view, sorted by id.
+func (h *Hub) Hosts() []*fleetv1.Host {
+	h.mu.Lock()
+	refs := h.refsLocked()
+	h.mu.Unlock()
+	return refs.build()
+}
+
+// Conn returns a host's live session, or nil when offline.
+func (h *Hub) Conn(id string) *Conn {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if lh, ok := h.hosts[id]; ok {
+		return lh.conn
+	}
+	return nil
+}
+
+// IsCurrent reports whether c is still its host's session.
+func (h *Hub) IsCurrent(c *Conn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lh, ok := h.hosts[c.HostID]
+	return ok && lh.conn == c
+}
+
+// CommandChanged records a command's new state and publishes it: queued,
+// updated, or complete when its state is terminal. The hub keeps active
+// commands for snapshots and the host's running command.
+func (h *Hub) CommandChanged(c *fleetv1.Command) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, known := h.commands[c.CommandId]
+	terminal := IsTerminal(c.State)
+	var ev *fleetv1.FleetEvent
+	switch {
+	case terminal:
+		delete(h.commands, c.CommandId)
+		ev = &fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_CommandComplete{CommandComplete: &fleetv1.CommandComplete{Command: c}}}
+	case !known:
+		h.commands[c.CommandId] = c
+		ev = &fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_CommandQueued{CommandQueued: &fleetv1.CommandQueued{Command: c}}}
+	default:
+		h.commands[c.CommandId] = c
+		ev = &fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_CommandUpdated{CommandUpdated: &fleetv1.CommandUpdated{Command: c}}}
+	}
+	h.publish(ev)
+	lh, ok := h.hosts[c.HostId]
+	if !ok {
+		return
+	}
+	wasRunning := lh.running != nil
+	if terminal {
+		if lh.running != nil && lh.running.CommandId == c.CommandId {
+			lh.running = nil
+		}
+	} else if c.State != typesv1.CommandState_COMMAND_STATE_VALIDATING {
+		lh.running = c
+	}
+	if wasRunning != (lh.running != nil) || (lh.running != nil && lh.running.CommandId == c.CommandId) {
+		h.recompute(lh)
+		h.statusChanged(lh)
+	}
+}
+
+// Running returns the active command on a host, or nil.
+func (h *Hub) Running(hostID string) *fleetv1.Command {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if lh, ok := h.hosts[hostID]; ok {
+		return lh.running
+	}
+	return nil
+}
+
+// ActiveCommands returns the commands not yet ended.
+func (h *Hub) ActiveCommands() []*fleetv1.Command {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]*fleetv1.Command, 0, len(h.commands))
+	for _, c := range h.commands {
+		out = append(out, c)
+	}
+	return out
+}
+
+// IsTerminal reports whether a command state is final.
+func IsTerminal(s typesv1.CommandState) bool {
+	switch s {
+	case typesv1.CommandState_COMMAND_STATE_BLOCKED, typesv1.CommandState_COMMAND_STATE_SUCCEEDED,
+		typesv1.CommandState_COMMAND_STATE_PARTIAL, typesv1.CommandState_COMMAND_STATE_FAILED,
+		typesv1.CommandState_COMMAND_STATE_STOPPED, typesv1.CommandState_COMMAND_STATE_TIMED_OUT:
+		return true
+	}
+	return false
+}
+
+// SetTarget installs a new fleet target, recomputes every host's
+// compartments and publishes the changes.
+func (h *Hub) SetTarget(t *fleetv1.FleetTarget) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if proto.Equal(h.target, t) {
+		return
+	}
+	h.target = t
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_TargetChanged{TargetChanged: &fleetv1.TargetChanged{Target: t}}})
+	for _, lh := range h.hosts {
+		before := lh.rec.UpdateStatus
+		h.recompute(lh)
+		if !sameStatus(before, lh.rec.UpdateStatus) {
+			h.statusChanged(lh)
+		}
+	}
+}
+
+// sameStatus compares compartments ignoring checked-at.
+func sameStatus(a, b *typesv1.UpdateStatus) bool {
+	eq := func(x, y *typesv1.Compartment) bool {
+		return x.GetStatus() == y.GetStatus() && x.GetMessage() == y.GetMessage()
+	}
+	return eq(a.GetAgent(), b.GetAgent()) && eq(a.GetGit(), b.GetGit()) && eq(a.GetLock(), b.GetLock()) &&
+		eq(a.GetSystem(), b.GetSystem()) && eq(a.GetTests(), b.GetTests())
+}
+
+// Target returns the fleet target, or nil.
+func (h *Hub) Target() *fleetv1.FleetTarget {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.target
+}
+
+// SetPendingPR installs the pending PR (nil: none) and publishes a change.
+func (h *Hub) SetPendingPR(pr *fleetv1.PendingPR, configured bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.prConfig = configured
+	if proto.Equal(h.pr, pr) {
+		return
+	}
+	h.pr = pr
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_PendingPrChanged{PendingPrChanged: &fleetv1.PendingPRChanged{PendingPr: pr}}})
+}
+
+// PendingPR returns the pending PR (nil: none) and whether PRs are configured.
+func (h *Hub) PendingPR() (*fleetv1.PendingPR, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.pr, h.prConfig
+}
+
+// Sweep marks offline every host whose last heartbeat is older than three
+// of its intervals, by closing its session. Run it every second or so.
+func (h *Hub) Sweep() {
+	now := h.now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, lh := range h.hosts {
+		if lh.conn != nil && now.Sub(lh.lastSeen) > 3*lh.interval {
+			lh.conn.Close(ErrHeartbeatTimeout)
+		}
+	}
+}
+
+// FlushLastSeen writes changed last-seen times in one batch.
+func (h *Hub) FlushLastSeen(ctx context.Context) error {
+	h.mu.Lock()
+	batch := map[string]time.Time{}
+	for id, lh := range h.hosts {
+		if lh.seenDirty && !lh.lastSeen.IsZero() {
+			batch[id] = lh.lastSeen
+			lh.seenDirty = false
+		}
+	}
+	h.mu.Unlock()
+	if len(batch) == 0 {
+		return nil
+	}
+	if err := h.cfg.Store.SaveLastSeen(ctx, batch); err != nil {
+		h.mu.Lock()
+		for id := range batch {
+			if lh, ok := h.hosts[id]; ok {
+				lh.seenDirty = true
+			}
+		}
+		h.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// Run sweeps for silent hosts every second and flushes last-seen times every
+// flush interval, until ctx ends; then it flushes once more.
+func (h *Hub) Run(ctx context.Context, flush time.Duration) error {
+	sweep := time.NewTicker(time.Second)
+	defer sweep.Stop()
+	fl := time.NewTicker(flush)
+	defer fl.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			h.CloseAll()
+			return h.FlushLastSeen(context.WithoutCancel(ctx))
+		case <-sweep.C:
+			h.Sweep()
+		case <-fl.C:
+			if err := h.FlushLastSeen(ctx); err != nil {
+				h.log.Warn("persist last-seen times", "err", err)
+			}
+		}
+	}
+}
+
+// CloseAll ends every agent session (shutdown).
+func (h *Hub) CloseAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, lh := range h.hosts {
+		if lh.conn != nil {
+			lh.conn.Close(ErrShutdown)
+		}
+	}
+}
+
+// snapRefs are the pointers a snapshot is built from, taken under the lock;
+// building the messages happens outside it.
+type snapRefs struct {
+	hosts []hostRef
+}
+
+type hostRef struct {
+	rec      *fleetv1.Host
+	online   bool
+	lastSeen time.Time
+	metrics  *typesv1.Metrics
+	running  *fleetv1.Command
+	interval time.Duration
+}
+
+func (h *Hub) refsLocked() snapRefs {
+	refs := snapRefs{hosts: make([]hostRef, 0, len(h.hosts))}
+	for _, lh := range h.hosts {
+		refs.hosts = append(refs.hosts, hostRef{rec: lh.rec, online: lh.online, lastSeen: lh.lastSeen, metrics: lh.metrics, running: lh.running, interval: lh.interval})
+	}
+	return refs
+}
+
+func (r snapRefs) build() []*fleetv1.Host {
+	out := make([]*fleetv1.Host, 0, len(r.hosts))
+	for _, hr := range r.hosts {
+		lh := liveHost{rec: hr.rec, online: hr.online, lastSeen: hr.lastSeen, metrics: hr.metrics, running: hr.running, interval: hr.interval}
+		v := proto.Clone(lh.rec).(*fleetv1.Host)
+		v.Online = lh.online
+		if !lh.lastSeen.IsZero() {
+			v.LastSeen = timestamppb.New(lh.lastSeen)
+		}
+		v.Metrics = lh.metrics
+		v.RunningCommand = lh.running
+		v.HeartbeatInterval = durationpb.New(lh.interval)
+		v.AvailableCommands = availableCommands(&lh)
+		out = append(out, v)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].HostId < out[j].HostId })
+	return out
+}
+
+// snapshotLocked captures what a snapshot needs; call build on the result
+// outside the lock.
+func (h *Hub) snapshotLocked(resync bool) func() *fleetv1.Snapshot {
+	refs := h.refsLocked()
+	target, pr, prc := h.target, h.pr, h.prConfig
+	active := make([]*fleetv1.Command, 0, len(h.commands))
+	for _, c := range h.commands {
+		active = append(active, c)
+	}
+	version := h.cfg.ServerVersion
+	return func() *fleetv1.Snapshot {
+		sort.Slice(active, func(i, j int) bool { return active[i].CommandId < active[j].CommandId })
+		return &fleetv1.Snapshot{Hosts: refs.build(), Target: target, PendingPr: pr, PullRequestsConfigured: prc,
+			ServerVersion: version, Resync: resync, ActiveCommands: active}
+	}
+}
+
+// Snapshot returns the whole fleet now.
+func (h *Hub) Snapshot() *fleetv1.Snapshot {
+	h.mu.Lock()
+	build := h.snapshotLocked(false)
+	h.mu.Unlock()
+	return build()
+}

@@ -1,0 +1,120 @@
+package hub
+
+import (
+	"context"
+
+	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+)
+
+// WatchOptions filter what a watcher receives.
+type WatchOptions struct {
+	SkipHeartbeats bool
+	SkipOutput     bool
+}
+
+// Watcher is one subscriber to fleet events, with a bounded queue.
+type Watcher struct {
+	opts   WatchOptions
+	limit  int
+	notify chan struct{}
+
+	// Guarded by the hub's mu (push runs under it) and by w's own lock for
+	// the consumer; the consumer takes the hub lock to drain, so one lock
+	// suffices: the hub's.
+	queue  []*fleetv1.FleetEvent
+	hbIdx  map[string]int // host id → index of its unsent heartbeat in queue
+	resync bool
+	// Resyncs counts how often this watcher fell behind.
+	Resyncs int
+}
+
+// push queues ev. Caller holds the hub's mu. It never blocks.
+func (w *Watcher) push(ev *fleetv1.FleetEvent) {
+	if w.resync {
+		return
+	}
+	switch k := ev.Kind.(type) {
+	case *fleetv1.FleetEvent_HostHeartbeat:
+		if w.opts.SkipHeartbeats {
+			return
+		}
+		// Latest value wins: replace an unsent heartbeat of the same host.
+		if i, ok := w.hbIdx[k.HostHeartbeat.HostId]; ok {
+			w.queue[i] = ev
+			return
+		}
+		if len(w.queue) < w.limit {
+			w.hbIdx[k.HostHeartbeat.HostId] = len(w.queue)
+		}
+	case *fleetv1.FleetEvent_CommandOutput:
+		if w.opts.SkipOutput {
+			return
+		}
+	}
+	if len(w.queue) >= w.limit {
+		// Fell behind: drop the backlog and send a fresh snapshot instead.
+		w.resync = true
+		w.queue = nil
+		clear(w.hbIdx)
+		w.Resyncs++
+	} else {
+		w.queue = append(w.queue, ev)
+	}
+	select {
+	case w.notify <- struct{}{}:
+	default:
+	}
+}
+
+// Subscribe registers a watcher and returns it with the snapshot it starts
+// from; events published after the snapshot are queued for it.
+func (h *Hub) Subscribe(opts WatchOptions) (*Watcher, *fleetv1.Snapshot) {
+	w := &Watcher{opts: opts, limit: h.cfg.QueueLimit, notify: make(chan struct{}, 1), hbIdx: map[string]int{}}
+	h.mu.Lock()
+	build := h.snapshotLocked(false)
+	h.watchers[w] = struct{}{}
+	h.mu.Unlock()
+	return w, build()
+}
+
+// Unsubscribe removes a watcher.
+func (h *Hub) Unsubscribe(w *Watcher) {
+	h.mu.Lock()
+	delete(h.watchers, w)
+	h.mu.Unlock()
+}
+
+// WatcherCount returns how many watchers are registered.
+func (h *Hub) WatcherCount() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.watchers)
+}
+
+// Next waits for the watcher's next batch: queued events, or a resync
+// snapshot when it fell behind (as one Snapshot event). It returns ctx's
+// error when ctx ends first.
+func (h *Hub) Next(ctx context.Context, w *Watcher) ([]*fleetv1.FleetEvent, error) {
+	for {
+		h.mu.Lock()
+		if w.resync {
+			w.resync = false
+			build := h.snapshotLocked(true)
+			h.mu.Unlock()
+			return []*fleetv1.FleetEvent{{Kind: &fleetv1.FleetEvent_Snapshot{Snapshot: build()}}}, nil
+		}
+		if len(w.queue) > 0 {
+			batch := w.queue
+			w.queue = make([]*fleetv1.FleetEvent, 0, min(len(batch), 256))
+			clear(w.hbIdx)
+			h.mu.Unlock()
+			return batch, nil
+		}
+		h.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-w.notify:
+		}
+	}
+}
