@@ -82,6 +82,14 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 	sender := &streamSender{s: stream}
 	conn, rec, err := s.Hub.Connect(id.Name, hello, sender, cancel)
 	if errors.Is(err, hub.ErrUnknownHost) {
+		// Registered offline (nixplane hosts add --data-dir) while the
+		// server ran: the token matched, so the host is in the store.
+		if h, gerr := s.Hosts.GetHost(ctx, id.Name); gerr == nil {
+			s.Hub.AddHost(h.Record, h.CreatedAt)
+			conn, rec, err = s.Hub.Connect(id.Name, hello, sender, cancel)
+		}
+	}
+	if errors.Is(err, hub.ErrUnknownHost) {
 		return status.Error(codes.PermissionDenied, "host was removed")
 	} else if err != nil {
 		return status.Error(codes.Internal, "register session")

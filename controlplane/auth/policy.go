@@ -6,6 +6,9 @@ import (
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
+// MethodMetrics is the policy key of the /metrics endpoint.
+const MethodMetrics = "/nixplane.http/Metrics"
+
 // DefaultPolicy is who may call what: the rules written in each RPC's
 // comment in proto/. A test checks that every method the server registers has
 // a rule here.
@@ -41,6 +44,8 @@ func DefaultPolicy() Policy {
 		adminv1.AdminService_ListAPITokens_FullMethodName:   adminRead,
 		adminv1.AdminService_RevokeAPIToken_FullMethodName:  admin,
 		adminv1.AdminService_ListAuditEvents_FullMethodName: adminRead,
+
+		MethodMetrics: read,
 
 		"/grpc.health.v1.Health/Check":                                   {Public: true},
 		"/grpc.health.v1.Health/Watch":                                   {Public: true},

@@ -1,0 +1,333 @@
+// Package controlplane is the nixplane server: it wires the store, the hub,
+// the command manager and the APIs together and serves them on one port —
+// native gRPC (agents, grpcurl), grpc-web (browsers), the REST gateway under
+// /api/, the OpenAPI document, the login pages and the web UI.
+//
+// [Run] is the whole server: it returns when its context ends, after an
+// ordered shutdown (agents told first, streams ended, HTTP drained, last-seen
+// times flushed, store closed last).
+package controlplane
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/test/bufconn"
+
+	"github.com/nixplane/nixplane/controlplane/agentapi"
+	"github.com/nixplane/nixplane/controlplane/auth"
+	"github.com/nixplane/nixplane/controlplane/commands"
+	"github.com/nixplane/nixplane/controlplane/fleetapi"
+	"github.com/nixplane/nixplane/controlplane/hub"
+	"github.com/nixplane/nixplane/controlplane/store"
+	"github.com/nixplane/nixplane/controlplane/target"
+	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
+	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
+	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+)
+
+// Config is the server's configuration; every field has a flag and a
+// NIXPLANE_* environment variable in cmd/nixplane.
+type Config struct {
+	// Listen is the address of the one port, e.g. 127.0.0.1:8080.
+	Listen string
+	// DataDir holds nixplane.db and the fleet repository mirror.
+	DataDir string
+	// TLSCert and TLSKey enable TLS (HTTP/2 negotiated by ALPN).
+	TLSCert, TLSKey string
+	// AdminPassword is the first start's admin password; generated and
+	// printed once when empty.
+	AdminPassword string
+	// Version is the server's version; agents of another version are marked
+	// outdated.
+	Version string
+	// FleetRepo is the fleet's git repository (the target commit and
+	// flake.lock come from its Branch); VersionURL a version.json instead.
+	FleetRepo, Branch, VersionURL string
+	// TargetPoll is how often the target is refetched (default 60s).
+	TargetPoll time.Duration
+	// AllowedOrigins are extra browser origins allowed to make changes.
+	AllowedOrigins []string
+	// TrustProxyHeaders: honour X-Forwarded-Proto from a TLS proxy.
+	TrustProxyHeaders bool
+	// SessionMax and SessionIdle bound browser sessions (default 24h, 2h).
+	SessionMax, SessionIdle time.Duration
+	// LogRetention is how long ended commands and their logs are kept
+	// (default 30 days).
+	LogRetention time.Duration
+	// MaxMessageBytes bounds one gRPC message (default 4 MiB).
+	MaxMessageBytes int
+	// TimeoutScale multiplies command timeouts (tests shrink them).
+	TimeoutScale float64
+	// ReconnectWait is how long a command waits for its agent to return.
+	ReconnectWait time.Duration
+	// LastSeenFlush is how often last-seen times are written (default 30s).
+	LastSeenFlush time.Duration
+	// Out receives the one-time admin password; nil means os.Stderr.
+	Out io.Writer
+	// Ready, when set, is called with the bound address once serving.
+	Ready func(addr string)
+	Log   *slog.Logger
+}
+
+func (c *Config) defaults() {
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:8080"
+	}
+	if c.TargetPoll <= 0 {
+		c.TargetPoll = 60 * time.Second
+	}
+	if c.SessionMax <= 0 {
+		c.SessionMax = 24 * time.Hour
+	}
+	if c.SessionIdle <= 0 {
+		c.SessionIdle = 2 * time.Hour
+	}
+	if c.LogRetention <= 0 {
+		c.LogRetention = 30 * 24 * time.Hour
+	}
+	if c.MaxMessageBytes <= 0 {
+		c.MaxMessageBytes = 4 << 20
+	}
+	if c.LastSeenFlush <= 0 {
+		c.LastSeenFlush = 30 * time.Second
+	}
+	if c.Branch == "" {
+		c.Branch = "main"
+	}
+	if c.Out == nil {
+		c.Out = os.Stderr
+	}
+	if c.Log == nil {
+		c.Log = slog.Default()
+	}
+}
+
+// OpenStore opens (creating if needed) the SQLite store in dataDir.
+func OpenStore(ctx context.Context, dataDir string) (*store.SQLite, error) {
+	if dataDir == "" {
+		return nil, errors.New("no data directory given (--data-dir)")
+	}
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data directory: %w", err)
+	}
+	return store.Open(ctx, filepath.Join(dataDir, "nixplane.db"))
+}
+
+// Run serves until ctx ends, then shuts down in order.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.defaults()
+	st, err := OpenStore(ctx, cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if pw, created, err := auth.EnsureAdmin(ctx, st, cfg.AdminPassword); err != nil {
+		return fmt.Errorf("create admin user: %w", err)
+	} else if created && cfg.AdminPassword == "" {
+		fmt.Fprintf(cfg.Out, "Created user %q with password: %s\n(shown once; set NIXPLANE_ADMIN_PASSWORD before the first start to choose it)\n", auth.AdminUser, pw)
+	}
+	s, err := newServer(ctx, cfg, st)
+	if err != nil {
+		return err
+	}
+	return s.serve(ctx)
+}
+
+// server is one running control plane.
+type server struct {
+	cfg      Config
+	log      *slog.Logger
+	store    *store.SQLite
+	hub      *hub.Hub
+	cmds     *commands.Manager
+	fleet    *fleetapi.Fleet
+	authn    *auth.Authenticator
+	grpc     *grpc.Server
+	health   *health.Server
+	target   *target.Poller
+	metrics  *metrics
+	inmem    *bufconn.Listener
+	gwConn   *grpc.ClientConn
+	handler  http.Handler
+	listener net.Listener
+}
+
+func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, error) {
+	s := &server{cfg: cfg, log: cfg.Log, store: st, metrics: newMetrics()}
+	var err error
+	s.hub, err = hub.New(ctx, hub.Config{ServerVersion: cfg.Version, Store: st, Log: cfg.Log})
+	if err != nil {
+		return nil, fmt.Errorf("load hosts: %w", err)
+	}
+	s.cmds, err = commands.New(ctx, commands.Config{Hub: s.hub, Store: st, Log: cfg.Log, TimeoutScale: cfg.TimeoutScale,
+		ReconnectWait: cfg.ReconnectWait, OnComplete: s.metrics.commandDone})
+	if err != nil {
+		return nil, fmt.Errorf("load commands: %w", err)
+	}
+	s.target = target.NewPoller(target.Config{RepoURL: cfg.FleetRepo, Branch: cfg.Branch, VersionURL: cfg.VersionURL,
+		MirrorDir: filepath.Join(cfg.DataDir, "fleet-mirror"), Interval: cfg.TargetPoll, Log: cfg.Log, OnChange: s.hub.SetTarget})
+	s.fleet = &fleetapi.Fleet{Hub: s.hub, Commands: s.cmds, Store: st, Log: cfg.Log, Target: s.target, OnResync: s.metrics.resync}
+	s.authn = &auth.Authenticator{Stores: st, Policy: auth.DefaultPolicy(), AllowedOrigins: cfg.AllowedOrigins,
+		SessionIdle: cfg.SessionIdle, SessionMax: cfg.SessionMax, Log: cfg.Log}
+	fleetapi.TOTPCheck = nil
+
+	s.grpc = grpc.NewServer(
+		grpc.WaitForHandlers(true),
+		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
+		grpc.ChainUnaryInterceptor(recoverUnary(cfg.Log), s.metrics.unary, s.authn.UnaryInterceptor(), auditUnary(st, s.authn.Policy, cfg.Log)),
+		grpc.ChainStreamInterceptor(recoverStream(cfg.Log), s.metrics.stream, s.authn.StreamInterceptor()),
+	)
+	agentv1.RegisterAgentServiceServer(s.grpc, &agentapi.Server{Hub: s.hub, Commands: s.cmds, Hosts: st, Refresh: s.fleet,
+		ServerVersion: cfg.Version, Metrics: s.metrics, Log: cfg.Log})
+	fleetv1.RegisterFleetServiceServer(s.grpc, s.fleet)
+	adminv1.RegisterAdminServiceServer(s.grpc, &fleetapi.Admin{Store: st})
+	s.health = health.NewServer()
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	reflection.Register(s.grpc)
+
+	// The REST gateway reaches the gRPC server over an in-memory connection,
+	// so every interceptor (auth, audit, limits) applies to REST calls too.
+	s.inmem = bufconn.Listen(1 << 20)
+	s.gwConn, err = grpc.NewClient("passthrough:///in-memory",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return s.inmem.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
+	if err != nil {
+		return nil, err
+	}
+	gw, err := newGateway(ctx, s.gwConn)
+	if err != nil {
+		return nil, err
+	}
+	s.handler = s.routes(gw)
+	return s, nil
+}
+
+func (s *server) serve(ctx context.Context) error {
+	cfg := s.cfg
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	s.listener = ln
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetHTTP2(true)
+	protos.SetUnencryptedHTTP2(true)
+	hs := &http.Server{
+		Handler:           s.handler,
+		Protocols:         &protos,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		HTTP2: &http.HTTP2Config{
+			// Notice half-open agent connections: ping after 20s of silence,
+			// give up 10s later.
+			SendPingTimeout:      20 * time.Second,
+			PingTimeout:          10 * time.Second,
+			MaxConcurrentStreams: 250,
+		},
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	tlsOn := cfg.TLSCert != "" || cfg.TLSKey != ""
+	if tlsOn {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("load TLS certificate: %w", err)
+		}
+		hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.grpc.Serve(s.inmem) })
+	g.Go(func() error {
+		var err error
+		if tlsOn {
+			err = hs.ServeTLS(ln, "", "")
+		} else {
+			err = hs.Serve(ln)
+		}
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return err
+	})
+	g.Go(func() error { return s.hub.Run(gctx, cfg.LastSeenFlush) })
+	g.Go(func() error { return s.cmds.Loop(gctx) })
+	g.Go(func() error { s.target.Run(gctx); return nil })
+	g.Go(func() error { return s.prune(gctx) })
+	g.Go(func() error {
+		<-gctx.Done()
+		s.shutdown(hs)
+		return nil
+	})
+	scheme := "http"
+	if tlsOn {
+		scheme = "https"
+	}
+	s.log.Info("nixplane serving", "addr", ln.Addr().String(), "url", scheme+"://"+ln.Addr().String(), "data_dir", cfg.DataDir, "version", cfg.Version)
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr().String())
+	}
+	err = g.Wait()
+	if err := s.hub.FlushLastSeen(context.Background()); err != nil {
+		s.log.Warn("final last-seen flush", "err", err)
+	}
+	if errors.Is(err, grpc.ErrServerStopped) {
+		err = nil
+	}
+	return err
+}
+
+// shutdown stops in order: health says not serving, agents are told, gRPC
+// streams end (http.Server.Shutdown alone would wait for them forever), HTTP
+// drains with a deadline.
+func (s *server) shutdown(hs *http.Server) {
+	s.log.Info("shutting down")
+	s.health.Shutdown()
+	s.hub.CloseAll()
+	s.grpc.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := hs.Shutdown(ctx); err != nil {
+		s.log.Warn("HTTP shutdown", "err", err)
+		_ = hs.Close()
+	}
+	_ = s.gwConn.Close()
+}
+
+// prune deletes ended commands older than the retention, hourly.
+func (s *server) prune(ctx context.Context) error {
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		n, err := s.store.PruneCommands(ctx, time.Now().Add(-s.cfg.LogRetention))
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("prune old commands", "err", err)
+		} else if n > 0 {
+			s.log.Info("pruned old commands", "count", n)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
