@@ -402,7 +402,8 @@ func (m *Manager) applyResult(ctx context.Context, r *run, res *agentv1.CommandR
 	switch res.Outcome {
 	case agentv1.Outcome_OUTCOME_STOPPED:
 		m.mu.Lock()
-		timedOut := r.timedOut
+		// Nobody asked for this stop: the agent enforced the hard timeout.
+		timedOut := r.timedOut || r.stopAt.IsZero()
 		m.mu.Unlock()
 		m.finish(ctx, r, func(c *fleetv1.Command) {
 			c.ExitCode = res.ExitCode
