@@ -120,6 +120,8 @@ type metrics struct {
 	agents     prometheus.Gauge
 	resyncs    prometheus.Counter
 	commands   *prometheus.CounterVec
+	unary      grpc.UnaryServerInterceptor
+	stream     grpc.StreamServerInterceptor
 }
 
 func newMetrics() *metrics {
@@ -133,15 +135,9 @@ func newMetrics() *metrics {
 	}
 	m.reg.MustRegister(m.grpc, m.heartbeats, m.agents, m.resyncs, m.commands,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	m.unary = m.grpc.UnaryServerInterceptor()
+	m.stream = m.grpc.StreamServerInterceptor()
 	return m
-}
-
-func (m *metrics) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	return m.grpc.UnaryServerInterceptor()(ctx, req, info, h)
-}
-
-func (m *metrics) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	return m.grpc.StreamServerInterceptor()(srv, ss, info, h)
 }
 
 // Heartbeat implements agentapi.Metrics.

@@ -182,10 +182,9 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 	}
 	s.target = target.NewPoller(target.Config{RepoURL: cfg.FleetRepo, Branch: cfg.Branch, VersionURL: cfg.VersionURL,
 		MirrorDir: filepath.Join(cfg.DataDir, "fleet-mirror"), Interval: cfg.TargetPoll, Log: cfg.Log, OnChange: s.hub.SetTarget})
-	s.fleet = &fleetapi.Fleet{Hub: s.hub, Commands: s.cmds, Store: st, Log: cfg.Log, Target: s.target, OnResync: s.metrics.resync}
+	s.fleet = &fleetapi.Fleet{Hub: s.hub, Commands: s.cmds, Store: st, Log: cfg.Log, Target: s.target, OnResync: s.metrics.resync, Users: st}
 	s.authn = &auth.Authenticator{Stores: st, Policy: auth.DefaultPolicy(), AllowedOrigins: cfg.AllowedOrigins,
 		SessionIdle: cfg.SessionIdle, SessionMax: cfg.SessionMax, Log: cfg.Log}
-	fleetapi.TOTPCheck = nil
 
 	s.grpc = grpc.NewServer(
 		grpc.WaitForHandlers(true),

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/pquerna/otp/totp"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -53,6 +54,8 @@ type Fleet struct {
 	Store    Store
 	Deployer Deployer
 	Target   TargetRefresher
+	// Users holds TOTP secrets for destructive commands; may be nil.
+	Users store.Users
 	// RefreshWait bounds how long RefreshHost waits for the agent (default 5s).
 	RefreshWait time.Duration
 	// Resyncs counts watchers that fell behind; may be nil.
@@ -215,7 +218,7 @@ func (f *Fleet) RefreshHost(ctx context.Context, req *fleetv1.RefreshHostRequest
 func (f *Fleet) RunCommand(ctx context.Context, req *fleetv1.RunCommandRequest) (*fleetv1.RunCommandResponse, error) {
 	id := auth.FromContext(ctx)
 	name := strings.ToLower(strings.TrimSpace(req.Command))
-	if (name == "reboot" || name == "rollback") && id != nil && id.TOTPEnabled && !validTOTP(ctx, req.Totp) {
+	if (name == "reboot" || name == "rollback") && id != nil && id.TOTPEnabled && !f.validTOTP(ctx, id.Name, req.Totp) {
 		return nil, f.toStatus(&commands.BlockedError{Reason: fleetv1.BlockReason_BLOCK_REASON_TOTP_REQUIRED, Message: name + " needs a fresh one-time code"})
 	}
 	c, err := f.Commands.Run(ctx, id.Actor(), req.HostId, name, req.Force)
@@ -228,12 +231,13 @@ func (f *Fleet) RunCommand(ctx context.Context, req *fleetv1.RunCommandRequest) 
 	return &fleetv1.RunCommandResponse{Command: c}, nil
 }
 
-// TOTPCheck validates a fresh TOTP code for the calling user; set by the
-// server wiring. nil refuses every code.
-var TOTPCheck func(ctx context.Context, code string) bool
-
-func validTOTP(ctx context.Context, code string) bool {
-	return TOTPCheck != nil && code != "" && TOTPCheck(ctx, code)
+// validTOTP checks a fresh TOTP code of a user.
+func (f *Fleet) validTOTP(ctx context.Context, user, code string) bool {
+	if code == "" || f.Users == nil {
+		return false
+	}
+	u, err := f.Users.GetUser(ctx, user)
+	return err == nil && u.TOTPSecret != "" && totp.Validate(code, u.TOTPSecret)
 }
 
 // StopCommand implements FleetService.
@@ -267,8 +271,10 @@ func (f *Fleet) ListCommands(ctx context.Context, req *fleetv1.ListCommandsReque
 		}
 	}
 	cmds, next, err := f.Store.ListCommands(ctx, req.HostId, n, req.PageToken)
-	if err != nil {
+	if errors.Is(err, store.ErrInvalidCursor) {
 		return nil, status.Error(codes.InvalidArgument, "bad page token")
+	} else if err != nil {
+		return nil, f.toStatus(err)
 	}
 	// Active commands: show their live state.
 	for i, c := range cmds {

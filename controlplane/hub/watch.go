@@ -18,9 +18,7 @@ type Watcher struct {
 	limit  int
 	notify chan struct{}
 
-	// Guarded by the hub's mu (push runs under it) and by w's own lock for
-	// the consumer; the consumer takes the hub lock to drain, so one lock
-	// suffices: the hub's.
+	// Guarded by the hub's mu: push runs under it and Next takes it to drain.
 	queue  []*fleetv1.FleetEvent
 	hbIdx  map[string]int // host id → index of its unsent heartbeat in queue
 	resync bool
