@@ -48,6 +48,13 @@ func (w *Watcher) push(ev *fleetv1.FleetEvent) {
 		if w.opts.SkipOutput {
 			return
 		}
+	default:
+		// An event carrying the host's state must not be overtaken by a later
+		// heartbeat replacing an earlier unsent one: the next heartbeat of
+		// this host is queued after it instead.
+		if id := hostOf(ev); id != "" {
+			delete(w.hbIdx, id)
+		}
 	}
 	if len(w.queue) >= w.limit {
 		// Fell behind: drop the backlog and send a fresh snapshot instead.
@@ -62,6 +69,21 @@ func (w *Watcher) push(ev *fleetv1.FleetEvent) {
 	case w.notify <- struct{}{}:
 	default:
 	}
+}
+
+// hostOf returns the host whose live state ev carries, if any.
+func hostOf(ev *fleetv1.FleetEvent) string {
+	switch k := ev.Kind.(type) {
+	case *fleetv1.FleetEvent_HostOffline:
+		return k.HostOffline.GetHostId()
+	case *fleetv1.FleetEvent_HostRegistered:
+		return k.HostRegistered.GetHost().GetHostId()
+	case *fleetv1.FleetEvent_HostRemoved:
+		return k.HostRemoved.GetHostId()
+	case *fleetv1.FleetEvent_HostStatusChanged:
+		return k.HostStatusChanged.GetHost().GetHostId()
+	}
+	return ""
 }
 
 // Subscribe registers a watcher and returns it with the snapshot it starts
