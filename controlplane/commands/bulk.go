@@ -166,8 +166,9 @@ func (m *Manager) runBulk(ctx context.Context, b *bulkRun, spec BulkSpec, steps 
 // runSteps runs steps on one host in order, stopping at the first that does
 // not succeed; it reports success.
 func (m *Manager) runSteps(ctx context.Context, b *bulkRun, spec BulkSpec, hostID string, steps []string) bool {
+	bulkID := b.snapshot().BulkId // b.bulk is replaced by other hosts' goroutines
 	for _, step := range steps {
-		c, err := m.run(ctx, spec.Actor, hostID, step, spec.Force, b.bulk.BulkId)
+		c, err := m.run(ctx, spec.Actor, hostID, step, spec.Force, bulkID)
 		if err != nil {
 			var be *BlockedError
 			m.setResult(b, hostID, func(r *fleetv1.BulkHostResult) {

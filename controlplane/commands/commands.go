@@ -117,6 +117,9 @@ type run struct {
 	awaitStatusUntil time.Time
 	restarting       bool
 	done             chan struct{}
+	// pub serialises update and finish from clone to publish, so the store
+	// and watchers see the states in the order they were decided.
+	pub sync.Mutex
 }
 
 // New returns a manager. Commands left active by a previous server process
@@ -253,9 +256,18 @@ func (m *Manager) forget(r *run) {
 	}
 }
 
-// update applies fn to a copy of the command, stores and publishes it.
+// update applies fn to a copy of the command, stores and publishes it. A
+// command that ended meanwhile (a fast agent's result may arrive before Run
+// marks it running) is left as it ended.
 func (m *Manager) update(ctx context.Context, r *run, fn func(*fleetv1.Command)) *fleetv1.Command {
+	r.pub.Lock()
+	defer r.pub.Unlock()
 	m.mu.Lock()
+	if m.active[r.cmd.CommandId] != r {
+		c := r.cmd
+		m.mu.Unlock()
+		return c
+	}
 	c := proto.Clone(r.cmd).(*fleetv1.Command)
 	fn(c)
 	r.cmd = c
@@ -271,6 +283,8 @@ func (m *Manager) update(ctx context.Context, r *run, fn func(*fleetv1.Command))
 // finish ends a command: terminal state via fn, stored, published, waiters
 // woken. Finishing twice is harmless: the second call returns the first end.
 func (m *Manager) finish(ctx context.Context, r *run, fn func(*fleetv1.Command)) *fleetv1.Command {
+	r.pub.Lock()
+	defer r.pub.Unlock()
 	m.mu.Lock()
 	if m.active[r.cmd.CommandId] != r {
 		c := r.cmd

@@ -76,7 +76,11 @@ type liveHost struct {
 	conn     *Conn
 	interval time.Duration
 	// running is the active command on this host, if any.
-	running   *fleetv1.Command
+	running *fleetv1.Command
+	// system is the agent's last measured system check. The record's System
+	// compartment shows "working" while a command changes the system, so the
+	// measurement is kept here to come back when the command ends.
+	system    *typesv1.Compartment
 	seenDirty bool
 }
 
@@ -144,8 +148,19 @@ func (h *Hub) now() time.Time { return h.cfg.Now() }
 
 // recompute sets lh.rec to a new record with fresh compartments. Caller holds mu.
 func (h *Hub) recompute(lh *liveHost) {
+	in := lh.rec
+	if s := in.GetUpdateStatus().GetSystem(); s.GetStatus() != typesv1.CompartmentStatus_COMPARTMENT_STATUS_UNSPECIFIED &&
+		s.GetStatus() != typesv1.CompartmentStatus_COMPARTMENT_STATUS_WORKING {
+		lh.system = s
+	} else if lh.system != nil {
+		in = proto.Clone(in).(*fleetv1.Host)
+		if in.UpdateStatus == nil {
+			in.UpdateStatus = &typesv1.UpdateStatus{}
+		}
+		in.UpdateStatus.System = lh.system
+	}
 	rec := proto.Clone(lh.rec).(*fleetv1.Host)
-	rec.UpdateStatus = status.Compute(status.Inputs{Host: lh.rec, Target: h.target, ServerVersion: h.cfg.ServerVersion, Running: lh.running, Now: h.now()})
+	rec.UpdateStatus = status.Compute(status.Inputs{Host: in, Target: h.target, ServerVersion: h.cfg.ServerVersion, Running: lh.running, Now: h.now()})
 	rec.AgentOutdated = rec.AgentVersion != "" && h.cfg.ServerVersion != "" && rec.AgentVersion != h.cfg.ServerVersion
 	lh.rec = rec
 }
