@@ -120,9 +120,12 @@ func (s *Sessions) logger() *slog.Logger {
 }
 
 // safeNext keeps redirects on this site: only absolute paths, no scheme or
-// host, no protocol-relative "//evil".
+// host, no protocol-relative "//evil". Control characters and backslashes
+// are refused anywhere: browsers drop tabs and newlines from URLs and read a
+// backslash as '/', so "/<tab>/evil" would become "//evil".
 func safeNext(next string) string {
-	if !strings.HasPrefix(next, "/") || strings.HasPrefix(next, "//") || strings.HasPrefix(next, "/\\") || strings.ContainsAny(next, "\r\n") {
+	if !strings.HasPrefix(next, "/") || strings.HasPrefix(next, "//") ||
+		strings.ContainsFunc(next, func(r rune) bool { return r < 0x20 || r == 0x7f || r == '\\' }) {
 		return "/"
 	}
 	return next
