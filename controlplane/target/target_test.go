@@ -1,0 +1,76 @@
+package target
+
+import (
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+)
+
+func TestParseVersionJSON(t *testing.T) {
+	lock := strings.Repeat("ab", 32)
+	for _, tc := range []struct {
+		name, doc string
+		ok        bool
+		commit    string
+		at        time.Time
+	}{
+		{"full", `{"gitCommit":"ABCDEF1234","lockHash":"` + strings.ToUpper(lock) + `","message":"m","branch":"main","timestamp":"2026-03-01T12:00:00Z"}`,
+			true, "abcdef1234", time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)},
+		{"unix seconds", `{"gitCommit":"abcdef1","timestamp":1772366400}`, true, "abcdef1", time.Unix(1772366400, 0)},
+		{"unix seconds as a string", `{"gitCommit":"abcdef1","timestamp":"1772366400"}`, true, "abcdef1", time.Unix(1772366400, 0)},
+		{"bad timestamp is ignored", `{"gitCommit":"abcdef1","timestamp":"yesterday"}`, true, "abcdef1", time.Time{}},
+		{"not JSON", `<html>`, false, "", time.Time{}},
+		{"no commit", `{"lockHash":"` + lock + `"}`, false, "", time.Time{}},
+		{"short commit", `{"gitCommit":"abc"}`, false, "", time.Time{}},
+		{"non-hex commit", `{"gitCommit":"main"}`, false, "", time.Time{}},
+		{"commit with a newline", `{"gitCommit":"abcdef1\nx"}`, false, "", time.Time{}},
+		{"bad lock", `{"gitCommit":"abcdef1","lockHash":"sha256-xyz"}`, false, "", time.Time{}},
+		{"huge message", `{"gitCommit":"abcdef1","message":"` + strings.Repeat("m", 5000) + `"}`, false, "", time.Time{}},
+	} {
+		got, err := ParseVersionJSON([]byte(tc.doc))
+		if (err == nil) != tc.ok {
+			t.Errorf("%s: err = %v, want ok=%v", tc.name, err, tc.ok)
+			continue
+		}
+		if err != nil {
+			continue
+		}
+		if got.GitCommit != tc.commit {
+			t.Errorf("%s: commit %q, want %q", tc.name, got.GitCommit, tc.commit)
+		}
+		if tc.at.IsZero() != (got.CommittedAt == nil) || (!tc.at.IsZero() && !got.CommittedAt.AsTime().Equal(tc.at)) {
+			t.Errorf("%s: committed at %v, want %v", tc.name, got.CommittedAt, tc.at)
+		}
+	}
+}
+
+var hexCommit = regexp.MustCompile(`^[0-9a-f]{7,64}$`)
+
+func FuzzParseVersionJSON(f *testing.F) {
+	f.Add([]byte(`{"gitCommit":"abcdef1234","lockHash":"` + strings.Repeat("0", 64) + `","message":"m","timestamp":"2026-03-01T12:00:00Z"}`))
+	f.Add([]byte(`{"gitCommit":"ABCDEF1","timestamp":1772366400}`))
+	f.Add([]byte(`{"gitCommit":" abcdef1 ","message":"\u00ff\ud800"}`))
+	f.Add([]byte(`{"gitCommit":1}`))
+	f.Add([]byte(`[]`))
+	f.Add([]byte(`{"gitCommit":"abcdef1"}{"gitCommit":"zzz"}`))
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		got, err := ParseVersionJSON(doc)
+		if err != nil {
+			if got != nil {
+				t.Fatal("error with a target")
+			}
+			return
+		}
+		if !hexCommit.MatchString(got.GitCommit) {
+			t.Fatalf("accepted commit %q", got.GitCommit)
+		}
+		if got.LockHash != "" && !regexp.MustCompile(`^[0-9a-f]{64}$`).MatchString(got.LockHash) {
+			t.Fatalf("accepted lock hash %q", got.LockHash)
+		}
+		if !utf8.ValidString(got.Message) || len(got.Message) > 4096*3 {
+			t.Fatalf("accepted message of %d bytes", len(got.Message))
+		}
+	})
+}
