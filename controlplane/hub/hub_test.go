@@ -817,3 +817,29 @@ func BenchmarkSnapshot(b *testing.B) {
 		})
 	}
 }
+
+// TestMeasuredSystemSurvivesACommand: while a switch runs the System
+// compartment shows working; afterwards the last measurement is back.
+func TestMeasuredSystemSurvivesACommand(t *testing.T) {
+	th := newTestHub(t, 0, "a")
+	th.connect(t, "a", 0)
+	measured := &typesv1.Compartment{Status: typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK, Message: "running system is current"}
+	if _, err := th.UpdateRecord("a", func(h *fleetv1.Host) { h.UpdateStatus = &typesv1.UpdateStatus{System: measured} }); err != nil {
+		t.Fatal(err)
+	}
+	c := &fleetv1.Command{CommandId: "cmd-1", HostId: "a", Command: "switch", State: typesv1.CommandState_COMMAND_STATE_RUNNING}
+	th.CommandChanged(c)
+	if h, _ := th.Host("a"); h.UpdateStatus.System.Status != typesv1.CompartmentStatus_COMPARTMENT_STATUS_WORKING {
+		t.Fatalf("system while switching = %v", h.UpdateStatus.System)
+	}
+	// A record change during the run (e.g. a heartbeat's new generation)
+	// must not lose the measurement either.
+	th.Heartbeat(th.Conn("a"), &agentv1.Heartbeat{Generation: "ccccccc1", LockHash: "11"})
+	done := proto.Clone(c).(*fleetv1.Command)
+	done.State = typesv1.CommandState_COMMAND_STATE_FAILED
+	th.CommandChanged(done)
+	h, _ := th.Host("a")
+	if !proto.Equal(h.UpdateStatus.System, measured) {
+		t.Fatalf("system after the command = %v, want the measurement %v", h.UpdateStatus.System, measured)
+	}
+}
