@@ -105,7 +105,9 @@ type Manager struct {
 
 // run is the manager's state of one active command.
 type run struct {
-	cmd      *fleetv1.Command // latest published copy; replaced, never mutated
+	// id and host never change; read them without the lock.
+	id, host string
+	cmd      *fleetv1.Command // latest published copy; replaced, never mutated; guarded by m.mu
 	kind     typesv1.CommandKind
 	timeouts Timeouts
 	// lostAt is when the agent went away while this ran; zero if connected.
@@ -184,7 +186,7 @@ func (m *Manager) run(ctx context.Context, actor, hostID, name string, force boo
 		if r == nil {
 			return nil, &BlockedError{Reason: fleetv1.BlockReason_BLOCK_REASON_ALREADY_CURRENT, Message: "nothing is running on " + hostID}
 		}
-		return m.Stop(ctx, r.cmd.CommandId)
+		return m.Stop(ctx, r.id)
 	}
 	k, ok := Kinds[name]
 	if !ok {
@@ -201,7 +203,7 @@ func (m *Manager) run(ctx context.Context, actor, hostID, name string, force boo
 	now := m.now()
 	cmd := &fleetv1.Command{CommandId: newID(), HostId: hostID, Command: name, State: typesv1.CommandState_COMMAND_STATE_QUEUED,
 		CreatedAt: timestamppb.New(now), Actor: actor, BulkId: bulkID}
-	r := &run{cmd: cmd, kind: k.Kind, timeouts: m.scaled(k.Timeouts), done: make(chan struct{})}
+	r := &run{id: cmd.CommandId, host: hostID, cmd: cmd, kind: k.Kind, timeouts: m.scaled(k.Timeouts), done: make(chan struct{})}
 
 	m.mu.Lock()
 	if busy := m.byHost[hostID]; busy != nil {
@@ -233,6 +235,13 @@ func (m *Manager) run(ctx context.Context, actor, hostID, name string, force boo
 
 func (m *Manager) scaled(t Timeouts) Timeouts {
 	return Timeouts{Warning: time.Duration(float64(t.Warning) * m.cfg.TimeoutScale), Hard: time.Duration(float64(t.Hard) * m.cfg.TimeoutScale)}
+}
+
+// current returns r's latest command.
+func (m *Manager) current(r *run) *fleetv1.Command {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return r.cmd
 }
 
 func (m *Manager) activeOn(hostID string) *run {
@@ -291,10 +300,6 @@ func (m *Manager) finish(ctx context.Context, r *run, fn func(*fleetv1.Command))
 		m.mu.Unlock()
 		return c
 	}
-	delete(m.active, r.cmd.CommandId)
-	if m.byHost[r.cmd.HostId] == r {
-		delete(m.byHost, r.cmd.HostId)
-	}
 	c := proto.Clone(r.cmd).(*fleetv1.Command)
 	fn(c)
 	c.FinishedAt = timestamppb.New(m.now())
@@ -304,6 +309,15 @@ func (m *Manager) finish(ctx context.Context, r *run, fn func(*fleetv1.Command))
 	if err := m.cfg.Store.UpdateCommand(ctx, c); err != nil {
 		m.log.Error("store command", "command_id", c.CommandId, "err", err)
 	}
+	// Only now that the end is stored does the command leave the active
+	// set: until then Get answers from r.cmd, never from a stale store row.
+	// r.pub keeps a second finish or an update out meanwhile.
+	m.mu.Lock()
+	delete(m.active, c.CommandId)
+	if m.byHost[c.HostId] == r {
+		delete(m.byHost, c.HostId)
+	}
+	m.mu.Unlock()
 	m.cfg.Hub.CommandChanged(c)
 	close(r.done)
 	m.notify(c.CommandId)
@@ -325,7 +339,7 @@ func (m *Manager) Stop(ctx context.Context, id string) (*fleetv1.Command, error)
 		}
 		return c, err
 	}
-	conn := m.cfg.Hub.Conn(r.cmd.HostId)
+	conn := m.cfg.Hub.Conn(r.host)
 	if conn == nil {
 		// The agent is gone; nothing can run it any more.
 		return m.finish(ctx, r, func(c *fleetv1.Command) {
@@ -342,7 +356,7 @@ func (m *Manager) Stop(ctx context.Context, id string) (*fleetv1.Command, error)
 		CommandId: id, Grace: durationpb.New(m.cfg.StopGrace)}}}); err != nil {
 		return nil, fmt.Errorf("send stop to agent: %w", err)
 	}
-	return r.cmd, nil
+	return m.current(r), nil
 }
 
 func (m *Manager) storeAndPublish(ctx context.Context, hostID, cmdID string, lines []*typesv1.OutputLine) {
@@ -358,7 +372,7 @@ func (m *Manager) storeAndPublish(ctx context.Context, hostID, cmdID string, lin
 // them out. Lines for a command the host does not run are dropped.
 func (m *Manager) HandleOutput(ctx context.Context, hostID string, out *agentv1.CommandOutput) {
 	r := m.get(out.CommandId)
-	if r == nil || r.cmd.HostId != hostID || len(out.Lines) == 0 {
+	if r == nil || r.host != hostID || len(out.Lines) == 0 {
 		return
 	}
 	m.storeAndPublish(ctx, hostID, out.CommandId, out.Lines)
@@ -374,7 +388,7 @@ func (m *Manager) HandleOutput(ctx context.Context, hostID string, out *agentv1.
 // HandleProgress records a phase of a running command.
 func (m *Manager) HandleProgress(ctx context.Context, hostID string, p *agentv1.CommandProgress) {
 	r := m.get(p.CommandId)
-	if r == nil || r.cmd.HostId != hostID {
+	if r == nil || r.host != hostID {
 		return
 	}
 	m.update(ctx, r, func(c *fleetv1.Command) {
@@ -385,7 +399,7 @@ func (m *Manager) HandleProgress(ctx context.Context, hostID string, p *agentv1.
 // HandleRejected ends a command the agent refused.
 func (m *Manager) HandleRejected(ctx context.Context, hostID string, rj *agentv1.CommandRejected) {
 	r := m.get(rj.CommandId)
-	if r == nil || r.cmd.HostId != hostID {
+	if r == nil || r.host != hostID {
 		return
 	}
 	m.finish(ctx, r, func(c *fleetv1.Command) {
@@ -401,7 +415,7 @@ func (m *Manager) HandleRejected(ctx context.Context, hostID string, rj *agentv1
 // stopped command ends now; a successful one goes through post-validation.
 func (m *Manager) HandleResult(ctx context.Context, hostID string, res *agentv1.CommandResult) {
 	r := m.get(res.CommandId)
-	if r == nil || r.cmd.HostId != hostID {
+	if r == nil || r.host != hostID {
 		return
 	}
 	m.applyResult(ctx, r, res)
@@ -409,8 +423,8 @@ func (m *Manager) HandleResult(ctx context.Context, hostID string, res *agentv1.
 
 func (m *Manager) applyResult(ctx context.Context, r *run, res *agentv1.CommandResult) {
 	if res.Tests != nil {
-		if _, err := m.cfg.Hub.UpdateRecord(r.cmd.HostId, func(h *fleetv1.Host) { h.Tests = res.Tests }); err == nil {
-			m.persistHost(ctx, r.cmd.HostId)
+		if _, err := m.cfg.Hub.UpdateRecord(r.host, func(h *fleetv1.Host) { h.Tests = res.Tests }); err == nil {
+			m.persistHost(ctx, r.host)
 		}
 	}
 	switch res.Outcome {
@@ -498,7 +512,7 @@ func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.S
 	}
 	m.persistHost(ctx, hostID)
 	r := m.activeOn(hostID)
-	if r == nil || r.cmd.State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
+	if r == nil || m.current(r).State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
 		return
 	}
 	m.finish(ctx, r, func(c *fleetv1.Command) {
@@ -563,16 +577,16 @@ func (m *Manager) HandleHello(ctx context.Context, hostID string, hello *agentv1
 	m.mu.Lock()
 	r.lostAt = time.Time{}
 	m.mu.Unlock()
-	if hello.RunningCommandId == r.cmd.CommandId {
+	if hello.RunningCommandId == r.id {
 		return // still running; output and result will follow
 	}
-	if lr := hello.LastResult; lr != nil && lr.CommandId == r.cmd.CommandId {
-		if r.cmd.State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
+	if lr := hello.LastResult; lr != nil && lr.CommandId == r.id {
+		if m.current(r).State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
 			m.applyResult(ctx, r, lr)
 		}
 		return // post-validation completes with the status report
 	}
-	if r.cmd.State == typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
+	if m.current(r).State == typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
 		return
 	}
 	m.finish(ctx, r, func(c *fleetv1.Command) {
