@@ -87,6 +87,9 @@ func TestAgentKilledGoesOffline(t *testing.T) {
 	a := s.StartAgent(f, "alpha", AgentOptions{Interval: 10 * time.Second})
 	s.WaitOnline("alpha")
 	w := s.Watch(&fleetv1.WatchFleetRequest{})
+	if h := snapshotHost(w.Snapshot(), "alpha"); !h.GetOnline() {
+		t.Fatalf("the watch's snapshot shows alpha %v, want online", h)
+	}
 	from := w.Len()
 
 	a.Kill()
@@ -109,6 +112,9 @@ func TestAgentFrozenGoesOfflineAndBack(t *testing.T) {
 	a := s.StartAgent(f, "alpha", AgentOptions{Interval: interval})
 	s.WaitOnline("alpha")
 	w := s.Watch(&fleetv1.WatchFleetRequest{})
+	if h := snapshotHost(w.Snapshot(), "alpha"); !h.GetOnline() {
+		t.Fatalf("the watch's snapshot shows alpha %v, want online", h)
+	}
 	from := w.Len()
 
 	a.Signal(syscall.SIGSTOP)

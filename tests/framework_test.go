@@ -611,7 +611,32 @@ func (s *Server) Watch(req *fleetv1.WatchFleetRequest) *Watch {
 		}
 	}()
 	s.t.Cleanup(func() { cancel(); <-w.done })
+	// The call returns before the server subscribed; the snapshot says it
+	// did, so events caused after Watch returns are not missed.
+	waitFor(s.t, stateTimeout, func() (bool, string) {
+		ev, ok := w.Find(0, func(*fleetv1.FleetEvent) bool { return true })
+		if ok && ev.GetSnapshot() == nil {
+			s.t.Fatalf("WatchFleet's first event is not a snapshot: %v", ev)
+		}
+		return ok, fmt.Sprintf("no snapshot on the new watch (stream error %v)", w.Err())
+	})
 	return w
+}
+
+// Snapshot returns the watch's first snapshot.
+func (w *Watch) Snapshot() *fleetv1.Snapshot {
+	ev, _ := w.Find(0, func(ev *fleetv1.FleetEvent) bool { return ev.GetSnapshot() != nil })
+	return ev.GetSnapshot()
+}
+
+// snapshotHost returns host from snap, or nil.
+func snapshotHost(snap *fleetv1.Snapshot, host string) *fleetv1.Host {
+	for _, h := range snap.GetHosts() {
+		if h.HostId == host {
+			return h
+		}
+	}
+	return nil
 }
 
 // Len returns how many events arrived so far.
