@@ -102,6 +102,28 @@ func TestAgentKilledGoesOffline(t *testing.T) {
 	}
 }
 
+// TestAgentTerminated: on SIGTERM the agent closes its stream cleanly and
+// exits 0; its host goes offline at once.
+func TestAgentTerminated(t *testing.T) {
+	s := StartServer(t)
+	f := NewFleet(t, "alpha")
+	a := s.StartAgent(f, "alpha", AgentOptions{Interval: 10 * time.Second})
+	s.WaitOnline("alpha")
+	w := s.Watch(&fleetv1.WatchFleetRequest{})
+	if h := snapshotHost(w.Snapshot(), "alpha"); !h.GetOnline() {
+		t.Fatalf("the watch's snapshot shows alpha %v, want online", h)
+	}
+	from := w.Len()
+
+	if err := a.Term(); err != nil {
+		t.Errorf("agent exit after SIGTERM: %v, want status 0", err)
+	}
+	off := offlineEvent(t, w, from, "alpha", 10*time.Second)
+	if off.Reason != "stream closed" {
+		t.Errorf("HostOffline reason %q, want \"stream closed\"", off.Reason)
+	}
+}
+
 // TestAgentFrozenGoesOfflineAndBack: a stopped (SIGSTOP) agent keeps its
 // connection open but stops sending heartbeats; the server marks it offline
 // after 3× the interval, and it comes back after SIGCONT.

@@ -287,6 +287,77 @@ func TestCommandLogSurvivesRestart(t *testing.T) {
 	}
 }
 
+// TestConcurrentOutput: commands running at once on several hosts lose no
+// line and keep their order, in the store and on a watcher.
+func TestConcurrentOutput(t *testing.T) {
+	s := StartServer(t)
+	hosts := []string{"h1", "h2", "h3"}
+	f := NewFleet(t, hosts...)
+	for _, h := range hosts {
+		f.WriteScript("hosts/"+h+"/tests/02-count.sh", "#!/bin/sh\nfor i in $(seq 1 500); do echo \""+h+" line $i\"; done\n")
+	}
+	f.Commit("Counting tests")
+	for _, h := range hosts {
+		s.StartAgent(f, h, AgentOptions{})
+	}
+	for _, h := range hosts {
+		s.WaitOnline(h)
+	}
+	w := s.Watch(&fleetv1.WatchFleetRequest{SkipHeartbeats: true})
+
+	ids := map[string]string{}
+	for _, h := range hosts {
+		ids[h] = s.RunCommand(h, "test").CommandId
+	}
+	for _, h := range hosts {
+		c := s.WaitCommand(ids[h])
+		if c.State != typesv1.CommandState_COMMAND_STATE_SUCCEEDED {
+			t.Fatalf("test on %s ended %s: %s", h, c.State, c.Message)
+		}
+		stored := s.CommandLog(c.CommandId)
+		if uint64(len(stored)) != c.LineCount {
+			t.Errorf("%s: %d lines stored, command says %d", h, len(stored), c.LineCount)
+		}
+		var numbered []string
+		for i, l := range stored {
+			if l.Seq != uint64(i+1) {
+				t.Fatalf("%s: stored line %d has seq %d", h, i, l.Seq)
+			}
+			if strings.HasPrefix(l.Text, h+" line ") {
+				numbered = append(numbered, l.Text)
+			}
+		}
+		if len(numbered) != 500 {
+			t.Fatalf("%s: %d of 500 numbered lines stored", h, len(numbered))
+		}
+		for i, txt := range numbered {
+			if want := fmt.Sprintf("%s line %d", h, i+1); txt != want {
+				t.Fatalf("%s: numbered line %d is %q, want %q", h, i, txt, want)
+			}
+		}
+		// The watcher got the same lines, in the same order, none twice.
+		waitFor(t, stateTimeout, func() (bool, string) {
+			var seen []*typesv1.OutputLine
+			w.mu.Lock()
+			for _, e := range w.events {
+				if out := e.ev.GetCommandOutput(); out.GetCommandId() == c.CommandId {
+					seen = append(seen, out.Lines...)
+				}
+			}
+			w.mu.Unlock()
+			if len(seen) < len(stored) {
+				return false, fmt.Sprintf("%s: watcher has %d of %d lines", h, len(seen), len(stored))
+			}
+			for i, l := range seen {
+				if i >= len(stored) || l.Seq != stored[i].Seq || l.Text != stored[i].Text {
+					t.Fatalf("%s: watcher line %d (seq %d %q) differs from the store", h, i, l.Seq, l.Text)
+				}
+			}
+			return true, ""
+		})
+	}
+}
+
 // TestRefreshHostThreePaths: RefreshHost answers the same on native gRPC,
 // grpc-web and REST.
 func TestRefreshHostThreePaths(t *testing.T) {

@@ -833,6 +833,16 @@ func (a *Agent) Signal(sig syscall.Signal) {
 	}
 }
 
+// Term ends the agent with SIGTERM, waits for it, and returns its exit
+// error (nil for status 0); it fails the test when SIGKILL was needed.
+func (a *Agent) Term() error {
+	a.t.Helper()
+	if !a.proc.terminate(syscall.SIGTERM) {
+		a.t.Errorf("agent %s did not exit within %s of SIGTERM", a.Host, stopTimeout)
+	}
+	return a.proc.err
+}
+
 // Kill ends the agent with SIGKILL and waits for it.
 func (a *Agent) Kill() {
 	a.proc.terminate(syscall.SIGKILL)
