@@ -66,6 +66,10 @@ func restError(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, 
 	switch status.Code(err) {
 	case codes.FailedPrecondition:
 		w = &codeWriter{ResponseWriter: w, code: http.StatusConflict}
+	case codes.InvalidArgument:
+		if strings.Contains(status.Convert(err).Message(), "request body too large") {
+			w = &codeWriter{ResponseWriter: w, code: http.StatusRequestEntityTooLarge}
+		}
 	case codes.ResourceExhausted:
 		if strings.Contains(status.Convert(err).Message(), "larger than max") {
 			w = &codeWriter{ResponseWriter: w, code: http.StatusRequestEntityTooLarge}
