@@ -259,9 +259,30 @@ func (m *Manager) get(id string) *run {
 func (m *Manager) forget(r *run) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	delete(m.active, r.cmd.CommandId)
-	if m.byHost[r.cmd.HostId] == r {
-		delete(m.byHost, r.cmd.HostId)
+	delete(m.active, r.id)
+	if m.byHost[r.host] == r {
+		delete(m.byHost, r.host)
+	}
+}
+
+// mutate applies fn to a copy of an active run's command and installs it.
+// It reports false, with the final command, when the run already ended.
+// The caller holds r.pub, so the store and watchers get the states in order.
+func (m *Manager) mutate(r *run, fn func(*fleetv1.Command)) (*fleetv1.Command, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.active[r.id] != r {
+		return r.cmd, false
+	}
+	c := proto.Clone(r.cmd).(*fleetv1.Command)
+	fn(c)
+	r.cmd = c
+	return c, true
+}
+
+func (m *Manager) persist(ctx context.Context, c *fleetv1.Command) {
+	if err := m.cfg.Store.UpdateCommand(ctx, c); err != nil {
+		m.log.Error("store command", "command_id", c.CommandId, "err", err)
 	}
 }
 
@@ -271,21 +292,13 @@ func (m *Manager) forget(r *run) {
 func (m *Manager) update(ctx context.Context, r *run, fn func(*fleetv1.Command)) *fleetv1.Command {
 	r.pub.Lock()
 	defer r.pub.Unlock()
-	m.mu.Lock()
-	if m.active[r.cmd.CommandId] != r {
-		c := r.cmd
-		m.mu.Unlock()
+	c, ok := m.mutate(r, fn)
+	if !ok {
 		return c
 	}
-	c := proto.Clone(r.cmd).(*fleetv1.Command)
-	fn(c)
-	r.cmd = c
-	m.mu.Unlock()
-	if err := m.cfg.Store.UpdateCommand(ctx, c); err != nil {
-		m.log.Error("store command", "command_id", c.CommandId, "err", err)
-	}
+	m.persist(ctx, c)
 	m.cfg.Hub.CommandChanged(c)
-	m.notify(c.CommandId)
+	m.notify(r.id)
 	return c
 }
 
@@ -294,33 +307,22 @@ func (m *Manager) update(ctx context.Context, r *run, fn func(*fleetv1.Command))
 func (m *Manager) finish(ctx context.Context, r *run, fn func(*fleetv1.Command)) *fleetv1.Command {
 	r.pub.Lock()
 	defer r.pub.Unlock()
-	m.mu.Lock()
-	if m.active[r.cmd.CommandId] != r {
-		c := r.cmd
-		m.mu.Unlock()
+	c, ok := m.mutate(r, func(c *fleetv1.Command) {
+		fn(c)
+		c.FinishedAt = timestamppb.New(m.now())
+		c.Overdue = false
+	})
+	if !ok {
 		return c
 	}
-	c := proto.Clone(r.cmd).(*fleetv1.Command)
-	fn(c)
-	c.FinishedAt = timestamppb.New(m.now())
-	c.Overdue = false
-	r.cmd = c
-	m.mu.Unlock()
-	if err := m.cfg.Store.UpdateCommand(ctx, c); err != nil {
-		m.log.Error("store command", "command_id", c.CommandId, "err", err)
-	}
+	m.persist(ctx, c)
 	// Only now that the end is stored does the command leave the active
 	// set: until then Get answers from r.cmd, never from a stale store row.
 	// r.pub keeps a second finish or an update out meanwhile.
-	m.mu.Lock()
-	delete(m.active, c.CommandId)
-	if m.byHost[c.HostId] == r {
-		delete(m.byHost, c.HostId)
-	}
-	m.mu.Unlock()
+	m.forget(r)
 	m.cfg.Hub.CommandChanged(c)
 	close(r.done)
-	m.notify(c.CommandId)
+	m.notify(r.id)
 	if m.cfg.OnComplete != nil {
 		m.cfg.OnComplete(c)
 	}

@@ -167,24 +167,11 @@ func (h *Hub) recompute(lh *liveHost) {
 
 // view returns a fresh Host message with durable and live fields. Caller
 // holds mu; the result is not shared.
-func (h *Hub) view(lh *liveHost) *fleetv1.Host {
-	v := proto.Clone(lh.rec).(*fleetv1.Host)
-	v.Online = lh.online
-	if !lh.lastSeen.IsZero() {
-		v.LastSeen = timestamppb.New(lh.lastSeen)
-	}
-	v.Metrics = lh.metrics
-	if lh.running != nil {
-		v.RunningCommand = lh.running
-	}
-	v.HeartbeatInterval = durationpb.New(lh.interval)
-	v.AvailableCommands = availableCommands(lh)
-	return v
-}
+func (h *Hub) view(lh *liveHost) *fleetv1.Host { return refOf(lh).view() }
 
 // availableCommands lists what would pass the pre-checks now.
-func availableCommands(lh *liveHost) []string {
-	if !lh.online || lh.running != nil {
+func availableCommands(online bool, running *fleetv1.Command) []string {
+	if !online || running != nil {
 		return nil
 	}
 	return []string{"pull", "switch", "test", "pull-switch", "rollback", "restart", "reboot", "refresh"}
@@ -608,6 +595,8 @@ type snapRefs struct {
 	hosts []hostRef
 }
 
+// hostRef is a host's state at one instant: the immutable record plus
+// copies of the live fields, so a view can be built outside the lock.
 type hostRef struct {
 	rec      *fleetv1.Host
 	online   bool
@@ -617,10 +606,28 @@ type hostRef struct {
 	interval time.Duration
 }
 
+func refOf(lh *liveHost) hostRef {
+	return hostRef{rec: lh.rec, online: lh.online, lastSeen: lh.lastSeen, metrics: lh.metrics, running: lh.running, interval: lh.interval}
+}
+
+// view returns a fresh Host message with durable and live fields.
+func (hr hostRef) view() *fleetv1.Host {
+	v := proto.Clone(hr.rec).(*fleetv1.Host)
+	v.Online = hr.online
+	if !hr.lastSeen.IsZero() {
+		v.LastSeen = timestamppb.New(hr.lastSeen)
+	}
+	v.Metrics = hr.metrics
+	v.RunningCommand = hr.running
+	v.HeartbeatInterval = durationpb.New(hr.interval)
+	v.AvailableCommands = availableCommands(hr.online, hr.running)
+	return v
+}
+
 func (h *Hub) refsLocked() snapRefs {
 	refs := snapRefs{hosts: make([]hostRef, 0, len(h.hosts))}
 	for _, lh := range h.hosts {
-		refs.hosts = append(refs.hosts, hostRef{rec: lh.rec, online: lh.online, lastSeen: lh.lastSeen, metrics: lh.metrics, running: lh.running, interval: lh.interval})
+		refs.hosts = append(refs.hosts, refOf(lh))
 	}
 	return refs
 }
@@ -628,17 +635,7 @@ func (h *Hub) refsLocked() snapRefs {
 func (r snapRefs) build() []*fleetv1.Host {
 	out := make([]*fleetv1.Host, 0, len(r.hosts))
 	for _, hr := range r.hosts {
-		lh := liveHost{rec: hr.rec, online: hr.online, lastSeen: hr.lastSeen, metrics: hr.metrics, running: hr.running, interval: hr.interval}
-		v := proto.Clone(lh.rec).(*fleetv1.Host)
-		v.Online = lh.online
-		if !lh.lastSeen.IsZero() {
-			v.LastSeen = timestamppb.New(lh.lastSeen)
-		}
-		v.Metrics = lh.metrics
-		v.RunningCommand = lh.running
-		v.HeartbeatInterval = durationpb.New(lh.interval)
-		v.AvailableCommands = availableCommands(&lh)
-		out = append(out, v)
+		out = append(out, hr.view())
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].HostId < out[j].HostId })
 	return out
