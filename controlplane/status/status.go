@@ -103,12 +103,23 @@ func agent(h *fleetv1.Host, want string, now time.Time) *typesv1.Compartment {
 	return comp(ok, now, "Agent %s is current", h.AgentVersion)
 }
 
-func git(h *fleetv1.Host, t *fleetv1.FleetTarget, at time.Time) *typesv1.Compartment {
+// targetProblem is the compartment both Git and Lock show when the target
+// itself cannot be compared against, or nil when it can.
+func targetProblem(t *fleetv1.FleetTarget, at time.Time) *typesv1.Compartment {
 	switch {
 	case t == nil:
 		return comp(unknown, time.Time{}, "No fleet target configured")
 	case t.Error != "":
 		return comp(errored, at, "Fleet target fetch failing: %s", t.Error)
+	}
+	return nil
+}
+
+func git(h *fleetv1.Host, t *fleetv1.FleetTarget, at time.Time) *typesv1.Compartment {
+	if c := targetProblem(t, at); c != nil {
+		return c
+	}
+	switch {
 	case t.GitCommit == "":
 		return comp(errored, at, "Fleet target has no commit")
 	case h.Generation == "":
@@ -124,11 +135,10 @@ func git(h *fleetv1.Host, t *fleetv1.FleetTarget, at time.Time) *typesv1.Compart
 }
 
 func lock(h *fleetv1.Host, t *fleetv1.FleetTarget, at time.Time) *typesv1.Compartment {
+	if c := targetProblem(t, at); c != nil {
+		return c
+	}
 	switch {
-	case t == nil:
-		return comp(unknown, time.Time{}, "No fleet target configured")
-	case t.Error != "":
-		return comp(errored, at, "Fleet target fetch failing: %s", t.Error)
 	case t.LockHash == "":
 		return comp(errored, at, "Fleet target has no flake.lock hash")
 	case h.LockHash == "":
