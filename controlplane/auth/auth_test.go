@@ -588,6 +588,9 @@ func TestLogout(t *testing.T) {
 	if resp := logout("", "http://"+serverHost); resp.StatusCode != http.StatusForbidden {
 		t.Fatalf("logout without CSRF: %d", resp.StatusCode)
 	}
+	if resp := logout(id.CSRFToken+"x", "http://"+serverHost); resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("logout with a wrong CSRF token: %d", resp.StatusCode)
+	}
 	if resp := logout(id.CSRFToken, "https://evil.example"); resp.StatusCode != http.StatusForbidden {
 		t.Fatalf("logout from a foreign origin: %d", resp.StatusCode)
 	}

@@ -209,7 +209,7 @@ func (s *Sessions) logout(w http.ResponseWriter, r *http.Request) {
 			if tok == "" {
 				tok = r.Header.Get("X-CSRF-Token")
 			}
-			if tok != id.CSRFToken || !s.Auth.OriginAllowed(r.Header.Get("Origin"), r.Host) {
+			if !csrfMatches(tok, id.CSRFToken) || !s.Auth.OriginAllowed(r.Header.Get("Origin"), r.Host) {
 				http.Error(w, "missing or wrong CSRF token", http.StatusForbidden)
 				return
 			}
