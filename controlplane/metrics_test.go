@@ -24,8 +24,9 @@ import (
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
 )
 
-// metricsFixture starts a server in-process with one host and a read token.
-func metricsFixture(t *testing.T) (addr, apiToken, hostToken string) {
+// startServer runs a server in-process with one host, "m-1", and an API
+// token of the given scope.
+func startServer(t *testing.T, scope adminv1.Scope) (addr, apiToken, hostToken string) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	dir := t.TempDir()
@@ -33,7 +34,7 @@ func metricsFixture(t *testing.T) (addr, apiToken, hostToken string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok, secret, err := fleetapi.NewAPIToken("scraper", adminv1.Scope_SCOPE_READ, 0)
+	tok, secret, err := fleetapi.NewAPIToken("test-token", scope, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +96,7 @@ func series(body, name string) float64 {
 // TestMetricsMoveUnderLoad scrapes /metrics: it needs a credential, and its
 // agent and heartbeat series follow a real agent stream.
 func TestMetricsMoveUnderLoad(t *testing.T) {
-	addr, apiToken, hostToken := metricsFixture(t)
+	addr, apiToken, hostToken := startServer(t, adminv1.Scope_SCOPE_READ)
 	if code, _ := scrape(t, addr, ""); code != http.StatusUnauthorized {
 		t.Fatalf("/metrics without a token: %d, want 401", code)
 	}
