@@ -10,8 +10,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
@@ -150,5 +152,41 @@ func TestRotatedTokenClosesStream(t *testing.T) {
 	}
 	if _, err := connect(r.AgentToken); err != nil {
 		t.Fatalf("the new token: %v", err)
+	}
+}
+
+// TestHostileAgentMessageEndsStream: a heartbeat with a non-hex generation
+// ends the agent's stream with InvalidArgument, and the host's record keeps
+// the generation its hello gave.
+func TestHostileAgentMessageEndsStream(t *testing.T) {
+	addr, admin, hostToken := startServer(t, adminv1.Scope_SCOPE_ADMIN)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+hostToken), 20*time.Second)
+	defer cancel()
+	s, err := agentv1.NewAgentServiceClient(conn).Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(&agentv1.ConnectRequest{Msg: &agentv1.ConnectRequest_Hello{Hello: &agentv1.Hello{Hostname: "m-1", Generation: "abc1234"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != nil {
+		t.Fatalf("welcome: %v", err)
+	}
+	if err := s.Send(&agentv1.ConnectRequest{Msg: &agentv1.ConnectRequest_Heartbeat{Heartbeat: &agentv1.Heartbeat{
+		Generation: "<img src=x onerror=alert(1)>"}}}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Recv()
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("stream ended with %v, want InvalidArgument", err)
+	}
+	code, body := rest(t, addr, admin, "GET", "/api/hosts/m-1", "")
+	if code != 200 || !strings.Contains(body, `"generation":"abc1234"`) {
+		t.Fatalf("host record after a hostile heartbeat: %d %s", code, body)
 	}
 }

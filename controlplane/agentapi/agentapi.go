@@ -191,6 +191,9 @@ func (s *Server) recvHello(ctx context.Context, stream agentv1.AgentService_Conn
 }
 
 func (s *Server) handle(ctx context.Context, conn *hub.Conn, m *agentv1.ConnectRequest) error {
+	if err := validate.AgentMessage(m); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
 	host := conn.HostID
 	switch x := m.Msg.(type) {
 	case *agentv1.ConnectRequest_Heartbeat:
@@ -203,9 +206,6 @@ func (s *Server) handle(ctx context.Context, conn *hub.Conn, m *agentv1.ConnectR
 			}
 		}
 	case *agentv1.ConnectRequest_Output:
-		if err := validate.Output(x.Output); err != nil {
-			return status.Error(codes.InvalidArgument, err.Error())
-		}
 		s.Commands.HandleOutput(ctx, host, x.Output)
 	case *agentv1.ConnectRequest_Result:
 		s.Commands.HandleResult(ctx, host, x.Result)
@@ -218,10 +218,6 @@ func (s *Server) handle(ctx context.Context, conn *hub.Conn, m *agentv1.ConnectR
 		if s.Refresh != nil && x.Status.RequestId != "" {
 			s.Refresh.Answer(host, x.Status)
 		}
-	case *agentv1.ConnectRequest_Hello:
-		return status.Error(codes.InvalidArgument, "hello may only be sent once")
-	default:
-		return status.Error(codes.InvalidArgument, "empty or unknown message")
 	}
 	return nil
 }
