@@ -175,13 +175,13 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 	if err != nil {
 		return nil, fmt.Errorf("load hosts: %w", err)
 	}
+	s.target = target.NewPoller(target.Config{RepoURL: cfg.FleetRepo, Branch: cfg.Branch, VersionURL: cfg.VersionURL,
+		MirrorDir: filepath.Join(cfg.DataDir, "fleet-mirror"), Interval: cfg.TargetPoll, Log: cfg.Log, OnChange: s.hub.SetTarget})
 	s.cmds, err = commands.New(ctx, commands.Config{Hub: s.hub, Store: st, Log: cfg.Log, TimeoutScale: cfg.TimeoutScale,
-		ReconnectWait: cfg.ReconnectWait, OnComplete: s.metrics.commandDone})
+		ReconnectWait: cfg.ReconnectWait, OnComplete: s.metrics.commandDone, Target: s.target})
 	if err != nil {
 		return nil, fmt.Errorf("load commands: %w", err)
 	}
-	s.target = target.NewPoller(target.Config{RepoURL: cfg.FleetRepo, Branch: cfg.Branch, VersionURL: cfg.VersionURL,
-		MirrorDir: filepath.Join(cfg.DataDir, "fleet-mirror"), Interval: cfg.TargetPoll, Log: cfg.Log, OnChange: s.hub.SetTarget})
 	s.fleet = &fleetapi.Fleet{Hub: s.hub, Commands: s.cmds, Store: st, Log: cfg.Log, Target: s.target, OnResync: s.metrics.resync, Users: st}
 	s.authn = &auth.Authenticator{Stores: st, Policy: auth.DefaultPolicy(), AllowedOrigins: cfg.AllowedOrigins,
 		SessionIdle: cfg.SessionIdle, SessionMax: cfg.SessionMax, Log: cfg.Log}

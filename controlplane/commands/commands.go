@@ -69,6 +69,11 @@ type Store interface {
 	store.Hosts
 }
 
+// TargetRefresher refetches the fleet target now.
+type TargetRefresher interface {
+	Refetch(ctx context.Context)
+}
+
 // Config configures a [Manager].
 type Config struct {
 	Hub   *hub.Hub
@@ -85,6 +90,9 @@ type Config struct {
 	StopGrace time.Duration
 	// TimeoutScale multiplies every timeout (tests shrink them). Default 1.
 	TimeoutScale float64
+	// Target refetches the fleet target when a pull lands on another commit
+	// than the cached one; nil judges against the cached target.
+	Target TargetRefresher
 	// OnComplete, if set, is called after a command ends (metrics, etc.).
 	OnComplete func(*fleetv1.Command)
 	Log        *slog.Logger
@@ -480,9 +488,32 @@ func (m *Manager) applyResult(ctx context.Context, r *run, res *agentv1.CommandR
 		// (HandleStatus); if the generation goal already fails, say so then.
 		return
 	}
+	if t := m.cfg.Hub.Target(); r.kind == typesv1.CommandKind_COMMAND_KIND_PULL && m.cfg.Target != nil &&
+		(t == nil || !status.SameCommit(res.Generation, t.GitCommit)) {
+		// The host may have pulled a commit newer than the cached target:
+		// refetch it before judging, off the agent's receive loop.
+		m.update(ctx, r, func(c *fleetv1.Command) {
+			c.State = typesv1.CommandState_COMMAND_STATE_POST_VALIDATION
+			c.ExitCode = res.ExitCode
+			c.Message = "checking the fleet target"
+		})
+		go func() {
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			defer cancel()
+			m.cfg.Target.Refetch(ctx)
+			m.finishWithGoal(ctx, r, res)
+		}()
+		return
+	}
+	m.finishWithGoal(ctx, r, res)
+}
+
+// finishWithGoal ends a command that exited 0 as succeeded or partial.
+func (m *Manager) finishWithGoal(ctx context.Context, r *run, res *agentv1.CommandResult) {
+	state, msg := m.checkGoal(r, res)
 	m.finish(ctx, r, func(c *fleetv1.Command) {
 		c.ExitCode = res.ExitCode
-		c.State, c.Message = m.checkGoal(r, res)
+		c.State, c.Message = state, msg
 	})
 }
 
