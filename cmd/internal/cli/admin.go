@@ -38,7 +38,7 @@ type target struct {
 
 func targetFlags(f *flags) *target {
 	t := &target{}
-	f.StringVar(&t.dataDir, "data-dir", "", "act on this data directory directly (server may be stopped or running)")
+	f.StringVar(&t.dataDir, "data-dir", "", "act on this data directory directly; a running server sees a new host when its agent connects (use --server to see it at once)")
 	f.StringVar(&t.server, "server", "", "act through a running server's API, e.g. http://127.0.0.1:8080")
 	f.StringVar(&t.token, "token", "", "API token for --server (prefer NIXPLANE_TOKEN)")
 	f.StringVar(&t.tokenFile, "token-file", "", "file holding the API token for --server")
