@@ -758,6 +758,273 @@ func (x *ListAuditEventsResponse) GetEvents() []*AuditEvent {
 	return nil
 }
 
+// BeginTOTPEnrollmentRequest takes no arguments.
+type BeginTOTPEnrollmentRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginTOTPEnrollmentRequest) Reset() {
+	*x = BeginTOTPEnrollmentRequest{}
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginTOTPEnrollmentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginTOTPEnrollmentRequest) ProtoMessage() {}
+
+func (x *BeginTOTPEnrollmentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginTOTPEnrollmentRequest.ProtoReflect.Descriptor instead.
+func (*BeginTOTPEnrollmentRequest) Descriptor() ([]byte, []int) {
+	return file_nixplane_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+// BeginTOTPEnrollmentResponse holds the new secret, shown only here.
+type BeginTOTPEnrollmentResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Base32 secret for manual entry.
+	Secret string `protobuf:"bytes,1,opt,name=secret,proto3" json:"secret,omitempty"`
+	// otpauth://totp/... URI for authenticator apps.
+	OtpauthUri string `protobuf:"bytes,2,opt,name=otpauth_uri,json=otpauthUri,proto3" json:"otpauth_uri,omitempty"`
+	// The URI as a PNG QR code.
+	QrPng         []byte `protobuf:"bytes,3,opt,name=qr_png,json=qrPng,proto3" json:"qr_png,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BeginTOTPEnrollmentResponse) Reset() {
+	*x = BeginTOTPEnrollmentResponse{}
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BeginTOTPEnrollmentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BeginTOTPEnrollmentResponse) ProtoMessage() {}
+
+func (x *BeginTOTPEnrollmentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BeginTOTPEnrollmentResponse.ProtoReflect.Descriptor instead.
+func (*BeginTOTPEnrollmentResponse) Descriptor() ([]byte, []int) {
+	return file_nixplane_admin_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *BeginTOTPEnrollmentResponse) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+func (x *BeginTOTPEnrollmentResponse) GetOtpauthUri() string {
+	if x != nil {
+		return x.OtpauthUri
+	}
+	return ""
+}
+
+func (x *BeginTOTPEnrollmentResponse) GetQrPng() []byte {
+	if x != nil {
+		return x.QrPng
+	}
+	return nil
+}
+
+// ConfirmTOTPEnrollmentRequest proves the authenticator holds the secret.
+type ConfirmTOTPEnrollmentRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Current six-digit code.
+	Code          string `protobuf:"bytes,1,opt,name=code,proto3" json:"code,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfirmTOTPEnrollmentRequest) Reset() {
+	*x = ConfirmTOTPEnrollmentRequest{}
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfirmTOTPEnrollmentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfirmTOTPEnrollmentRequest) ProtoMessage() {}
+
+func (x *ConfirmTOTPEnrollmentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfirmTOTPEnrollmentRequest.ProtoReflect.Descriptor instead.
+func (*ConfirmTOTPEnrollmentRequest) Descriptor() ([]byte, []int) {
+	return file_nixplane_admin_v1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ConfirmTOTPEnrollmentRequest) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+// ConfirmTOTPEnrollmentResponse is empty.
+type ConfirmTOTPEnrollmentResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfirmTOTPEnrollmentResponse) Reset() {
+	*x = ConfirmTOTPEnrollmentResponse{}
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfirmTOTPEnrollmentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfirmTOTPEnrollmentResponse) ProtoMessage() {}
+
+func (x *ConfirmTOTPEnrollmentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfirmTOTPEnrollmentResponse.ProtoReflect.Descriptor instead.
+func (*ConfirmTOTPEnrollmentResponse) Descriptor() ([]byte, []int) {
+	return file_nixplane_admin_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+// DisableTOTPRequest carries a current code.
+type DisableTOTPRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Current six-digit code.
+	Code          string `protobuf:"bytes,1,opt,name=code,proto3" json:"code,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisableTOTPRequest) Reset() {
+	*x = DisableTOTPRequest{}
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisableTOTPRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisableTOTPRequest) ProtoMessage() {}
+
+func (x *DisableTOTPRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisableTOTPRequest.ProtoReflect.Descriptor instead.
+func (*DisableTOTPRequest) Descriptor() ([]byte, []int) {
+	return file_nixplane_admin_v1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DisableTOTPRequest) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+// DisableTOTPResponse is empty.
+type DisableTOTPResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisableTOTPResponse) Reset() {
+	*x = DisableTOTPResponse{}
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisableTOTPResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisableTOTPResponse) ProtoMessage() {}
+
+func (x *DisableTOTPResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nixplane_admin_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisableTOTPResponse.ProtoReflect.Descriptor instead.
+func (*DisableTOTPResponse) Descriptor() ([]byte, []int) {
+	return file_nixplane_admin_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
 var File_nixplane_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_nixplane_admin_v1_admin_proto_rawDesc = "" +
@@ -805,20 +1072,35 @@ const file_nixplane_admin_v1_admin_proto_rawDesc = "" +
 	"\x05limit\x18\x02 \x01(\x05R\x05limit\x12\x1b\n" +
 	"\tbefore_id\x18\x03 \x01(\x03R\bbeforeId\"P\n" +
 	"\x17ListAuditEventsResponse\x125\n" +
-	"\x06events\x18\x01 \x03(\v2\x1d.nixplane.admin.v1.AuditEventR\x06events*R\n" +
+	"\x06events\x18\x01 \x03(\v2\x1d.nixplane.admin.v1.AuditEventR\x06events\"\x1c\n" +
+	"\x1aBeginTOTPEnrollmentRequest\"m\n" +
+	"\x1bBeginTOTPEnrollmentResponse\x12\x16\n" +
+	"\x06secret\x18\x01 \x01(\tR\x06secret\x12\x1f\n" +
+	"\votpauth_uri\x18\x02 \x01(\tR\n" +
+	"otpauthUri\x12\x15\n" +
+	"\x06qr_png\x18\x03 \x01(\fR\x05qrPng\"2\n" +
+	"\x1cConfirmTOTPEnrollmentRequest\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\tR\x04code\"\x1f\n" +
+	"\x1dConfirmTOTPEnrollmentResponse\"(\n" +
+	"\x12DisableTOTPRequest\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\tR\x04code\"\x15\n" +
+	"\x13DisableTOTPResponse*R\n" +
 	"\x05Scope\x12\x15\n" +
 	"\x11SCOPE_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
 	"SCOPE_READ\x10\x01\x12\x11\n" +
 	"\rSCOPE_OPERATE\x10\x02\x12\x0f\n" +
-	"\vSCOPE_ADMIN\x10\x032\xec\x04\n" +
+	"\vSCOPE_ADMIN\x10\x032\xa6\b\n" +
 	"\fAdminService\x12b\n" +
 	"\x06WhoAmI\x12 .nixplane.admin.v1.WhoAmIRequest\x1a!.nixplane.admin.v1.WhoAmIResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\v/api/whoami\x12}\n" +
 	"\x0eCreateAPIToken\x12(.nixplane.admin.v1.CreateAPITokenRequest\x1a).nixplane.admin.v1.CreateAPITokenResponse\"\x16\x82\xd3\xe4\x93\x02\x10:\x01*\"\v/api/tokens\x12w\n" +
 	"\rListAPITokens\x12'.nixplane.admin.v1.ListAPITokensRequest\x1a(.nixplane.admin.v1.ListAPITokensResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\v/api/tokens\x12\x81\x01\n" +
 	"\x0eRevokeAPIToken\x12(.nixplane.admin.v1.RevokeAPITokenRequest\x1a).nixplane.admin.v1.RevokeAPITokenResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/api/tokens/{name}\x12|\n" +
 	"\x0fListAuditEvents\x12).nixplane.admin.v1.ListAuditEventsRequest\x1a*.nixplane.admin.v1.ListAuditEventsResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
-	"/api/auditB<Z:github.com/nixplane/nixplane/gen/nixplane/admin/v1;adminv1b\x06proto3"
+	"/api/audit\x12\x95\x01\n" +
+	"\x13BeginTOTPEnrollment\x12-.nixplane.admin.v1.BeginTOTPEnrollmentRequest\x1a..nixplane.admin.v1.BeginTOTPEnrollmentResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/api/totp/enrollment\x12\xa3\x01\n" +
+	"\x15ConfirmTOTPEnrollment\x12/.nixplane.admin.v1.ConfirmTOTPEnrollmentRequest\x1a0.nixplane.admin.v1.ConfirmTOTPEnrollmentResponse\"'\x82\xd3\xe4\x93\x02!:\x01*\"\x1c/api/totp/enrollment/confirm\x12z\n" +
+	"\vDisableTOTP\x12%.nixplane.admin.v1.DisableTOTPRequest\x1a&.nixplane.admin.v1.DisableTOTPResponse\"\x1c\x82\xd3\xe4\x93\x02\x16:\x01*\"\x11/api/totp/disableB<Z:github.com/nixplane/nixplane/gen/nixplane/admin/v1;adminv1b\x06proto3"
 
 var (
 	file_nixplane_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -833,48 +1115,60 @@ func file_nixplane_admin_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_nixplane_admin_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_nixplane_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_nixplane_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_nixplane_admin_v1_admin_proto_goTypes = []any{
-	(Scope)(0),                      // 0: nixplane.admin.v1.Scope
-	(*WhoAmIRequest)(nil),           // 1: nixplane.admin.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),          // 2: nixplane.admin.v1.WhoAmIResponse
-	(*APIToken)(nil),                // 3: nixplane.admin.v1.APIToken
-	(*CreateAPITokenRequest)(nil),   // 4: nixplane.admin.v1.CreateAPITokenRequest
-	(*CreateAPITokenResponse)(nil),  // 5: nixplane.admin.v1.CreateAPITokenResponse
-	(*ListAPITokensRequest)(nil),    // 6: nixplane.admin.v1.ListAPITokensRequest
-	(*ListAPITokensResponse)(nil),   // 7: nixplane.admin.v1.ListAPITokensResponse
-	(*RevokeAPITokenRequest)(nil),   // 8: nixplane.admin.v1.RevokeAPITokenRequest
-	(*RevokeAPITokenResponse)(nil),  // 9: nixplane.admin.v1.RevokeAPITokenResponse
-	(*AuditEvent)(nil),              // 10: nixplane.admin.v1.AuditEvent
-	(*ListAuditEventsRequest)(nil),  // 11: nixplane.admin.v1.ListAuditEventsRequest
-	(*ListAuditEventsResponse)(nil), // 12: nixplane.admin.v1.ListAuditEventsResponse
-	(*timestamppb.Timestamp)(nil),   // 13: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 14: google.protobuf.Duration
+	(Scope)(0),                            // 0: nixplane.admin.v1.Scope
+	(*WhoAmIRequest)(nil),                 // 1: nixplane.admin.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),                // 2: nixplane.admin.v1.WhoAmIResponse
+	(*APIToken)(nil),                      // 3: nixplane.admin.v1.APIToken
+	(*CreateAPITokenRequest)(nil),         // 4: nixplane.admin.v1.CreateAPITokenRequest
+	(*CreateAPITokenResponse)(nil),        // 5: nixplane.admin.v1.CreateAPITokenResponse
+	(*ListAPITokensRequest)(nil),          // 6: nixplane.admin.v1.ListAPITokensRequest
+	(*ListAPITokensResponse)(nil),         // 7: nixplane.admin.v1.ListAPITokensResponse
+	(*RevokeAPITokenRequest)(nil),         // 8: nixplane.admin.v1.RevokeAPITokenRequest
+	(*RevokeAPITokenResponse)(nil),        // 9: nixplane.admin.v1.RevokeAPITokenResponse
+	(*AuditEvent)(nil),                    // 10: nixplane.admin.v1.AuditEvent
+	(*ListAuditEventsRequest)(nil),        // 11: nixplane.admin.v1.ListAuditEventsRequest
+	(*ListAuditEventsResponse)(nil),       // 12: nixplane.admin.v1.ListAuditEventsResponse
+	(*BeginTOTPEnrollmentRequest)(nil),    // 13: nixplane.admin.v1.BeginTOTPEnrollmentRequest
+	(*BeginTOTPEnrollmentResponse)(nil),   // 14: nixplane.admin.v1.BeginTOTPEnrollmentResponse
+	(*ConfirmTOTPEnrollmentRequest)(nil),  // 15: nixplane.admin.v1.ConfirmTOTPEnrollmentRequest
+	(*ConfirmTOTPEnrollmentResponse)(nil), // 16: nixplane.admin.v1.ConfirmTOTPEnrollmentResponse
+	(*DisableTOTPRequest)(nil),            // 17: nixplane.admin.v1.DisableTOTPRequest
+	(*DisableTOTPResponse)(nil),           // 18: nixplane.admin.v1.DisableTOTPResponse
+	(*timestamppb.Timestamp)(nil),         // 19: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 20: google.protobuf.Duration
 }
 var file_nixplane_admin_v1_admin_proto_depIdxs = []int32{
 	0,  // 0: nixplane.admin.v1.WhoAmIResponse.scope:type_name -> nixplane.admin.v1.Scope
 	0,  // 1: nixplane.admin.v1.APIToken.scope:type_name -> nixplane.admin.v1.Scope
-	13, // 2: nixplane.admin.v1.APIToken.created_at:type_name -> google.protobuf.Timestamp
-	13, // 3: nixplane.admin.v1.APIToken.expires_at:type_name -> google.protobuf.Timestamp
-	13, // 4: nixplane.admin.v1.APIToken.last_used_at:type_name -> google.protobuf.Timestamp
+	19, // 2: nixplane.admin.v1.APIToken.created_at:type_name -> google.protobuf.Timestamp
+	19, // 3: nixplane.admin.v1.APIToken.expires_at:type_name -> google.protobuf.Timestamp
+	19, // 4: nixplane.admin.v1.APIToken.last_used_at:type_name -> google.protobuf.Timestamp
 	0,  // 5: nixplane.admin.v1.CreateAPITokenRequest.scope:type_name -> nixplane.admin.v1.Scope
-	14, // 6: nixplane.admin.v1.CreateAPITokenRequest.ttl:type_name -> google.protobuf.Duration
+	20, // 6: nixplane.admin.v1.CreateAPITokenRequest.ttl:type_name -> google.protobuf.Duration
 	3,  // 7: nixplane.admin.v1.CreateAPITokenResponse.token:type_name -> nixplane.admin.v1.APIToken
 	3,  // 8: nixplane.admin.v1.ListAPITokensResponse.tokens:type_name -> nixplane.admin.v1.APIToken
-	13, // 9: nixplane.admin.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	19, // 9: nixplane.admin.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
 	10, // 10: nixplane.admin.v1.ListAuditEventsResponse.events:type_name -> nixplane.admin.v1.AuditEvent
 	1,  // 11: nixplane.admin.v1.AdminService.WhoAmI:input_type -> nixplane.admin.v1.WhoAmIRequest
 	4,  // 12: nixplane.admin.v1.AdminService.CreateAPIToken:input_type -> nixplane.admin.v1.CreateAPITokenRequest
 	6,  // 13: nixplane.admin.v1.AdminService.ListAPITokens:input_type -> nixplane.admin.v1.ListAPITokensRequest
 	8,  // 14: nixplane.admin.v1.AdminService.RevokeAPIToken:input_type -> nixplane.admin.v1.RevokeAPITokenRequest
 	11, // 15: nixplane.admin.v1.AdminService.ListAuditEvents:input_type -> nixplane.admin.v1.ListAuditEventsRequest
-	2,  // 16: nixplane.admin.v1.AdminService.WhoAmI:output_type -> nixplane.admin.v1.WhoAmIResponse
-	5,  // 17: nixplane.admin.v1.AdminService.CreateAPIToken:output_type -> nixplane.admin.v1.CreateAPITokenResponse
-	7,  // 18: nixplane.admin.v1.AdminService.ListAPITokens:output_type -> nixplane.admin.v1.ListAPITokensResponse
-	9,  // 19: nixplane.admin.v1.AdminService.RevokeAPIToken:output_type -> nixplane.admin.v1.RevokeAPITokenResponse
-	12, // 20: nixplane.admin.v1.AdminService.ListAuditEvents:output_type -> nixplane.admin.v1.ListAuditEventsResponse
-	16, // [16:21] is the sub-list for method output_type
-	11, // [11:16] is the sub-list for method input_type
+	13, // 16: nixplane.admin.v1.AdminService.BeginTOTPEnrollment:input_type -> nixplane.admin.v1.BeginTOTPEnrollmentRequest
+	15, // 17: nixplane.admin.v1.AdminService.ConfirmTOTPEnrollment:input_type -> nixplane.admin.v1.ConfirmTOTPEnrollmentRequest
+	17, // 18: nixplane.admin.v1.AdminService.DisableTOTP:input_type -> nixplane.admin.v1.DisableTOTPRequest
+	2,  // 19: nixplane.admin.v1.AdminService.WhoAmI:output_type -> nixplane.admin.v1.WhoAmIResponse
+	5,  // 20: nixplane.admin.v1.AdminService.CreateAPIToken:output_type -> nixplane.admin.v1.CreateAPITokenResponse
+	7,  // 21: nixplane.admin.v1.AdminService.ListAPITokens:output_type -> nixplane.admin.v1.ListAPITokensResponse
+	9,  // 22: nixplane.admin.v1.AdminService.RevokeAPIToken:output_type -> nixplane.admin.v1.RevokeAPITokenResponse
+	12, // 23: nixplane.admin.v1.AdminService.ListAuditEvents:output_type -> nixplane.admin.v1.ListAuditEventsResponse
+	14, // 24: nixplane.admin.v1.AdminService.BeginTOTPEnrollment:output_type -> nixplane.admin.v1.BeginTOTPEnrollmentResponse
+	16, // 25: nixplane.admin.v1.AdminService.ConfirmTOTPEnrollment:output_type -> nixplane.admin.v1.ConfirmTOTPEnrollmentResponse
+	18, // 26: nixplane.admin.v1.AdminService.DisableTOTP:output_type -> nixplane.admin.v1.DisableTOTPResponse
+	19, // [19:27] is the sub-list for method output_type
+	11, // [11:19] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -891,7 +1185,7 @@ func file_nixplane_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nixplane_admin_v1_admin_proto_rawDesc), len(file_nixplane_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,11 +22,14 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_WhoAmI_FullMethodName          = "/nixplane.admin.v1.AdminService/WhoAmI"
-	AdminService_CreateAPIToken_FullMethodName  = "/nixplane.admin.v1.AdminService/CreateAPIToken"
-	AdminService_ListAPITokens_FullMethodName   = "/nixplane.admin.v1.AdminService/ListAPITokens"
-	AdminService_RevokeAPIToken_FullMethodName  = "/nixplane.admin.v1.AdminService/RevokeAPIToken"
-	AdminService_ListAuditEvents_FullMethodName = "/nixplane.admin.v1.AdminService/ListAuditEvents"
+	AdminService_WhoAmI_FullMethodName                = "/nixplane.admin.v1.AdminService/WhoAmI"
+	AdminService_CreateAPIToken_FullMethodName        = "/nixplane.admin.v1.AdminService/CreateAPIToken"
+	AdminService_ListAPITokens_FullMethodName         = "/nixplane.admin.v1.AdminService/ListAPITokens"
+	AdminService_RevokeAPIToken_FullMethodName        = "/nixplane.admin.v1.AdminService/RevokeAPIToken"
+	AdminService_ListAuditEvents_FullMethodName       = "/nixplane.admin.v1.AdminService/ListAuditEvents"
+	AdminService_BeginTOTPEnrollment_FullMethodName   = "/nixplane.admin.v1.AdminService/BeginTOTPEnrollment"
+	AdminService_ConfirmTOTPEnrollment_FullMethodName = "/nixplane.admin.v1.AdminService/ConfirmTOTPEnrollment"
+	AdminService_DisableTOTP_FullMethodName           = "/nixplane.admin.v1.AdminService/DisableTOTP"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -56,6 +59,24 @@ type AdminServiceClient interface {
 	//
 	// Auth: admin scope; browser sessions.
 	ListAuditEvents(ctx context.Context, in *ListAuditEventsRequest, opts ...grpc.CallOption) (*ListAuditEventsResponse, error)
+	// BeginTOTPEnrollment creates a new TOTP secret for the calling user and
+	// returns it with an otpauth:// URI and a QR code. It takes effect only
+	// once ConfirmTOTPEnrollment proves the authenticator holds it.
+	// FailedPrecondition when TOTP is already enabled.
+	//
+	// Auth: browser sessions only (with CSRF token).
+	BeginTOTPEnrollment(ctx context.Context, in *BeginTOTPEnrollmentRequest, opts ...grpc.CallOption) (*BeginTOTPEnrollmentResponse, error)
+	// ConfirmTOTPEnrollment enables TOTP for the calling user when the code
+	// matches the secret from BeginTOTPEnrollment. Wrong code:
+	// InvalidArgument; no enrolment begun: FailedPrecondition.
+	//
+	// Auth: browser sessions only (with CSRF token).
+	ConfirmTOTPEnrollment(ctx context.Context, in *ConfirmTOTPEnrollmentRequest, opts ...grpc.CallOption) (*ConfirmTOTPEnrollmentResponse, error)
+	// DisableTOTP turns TOTP off for the calling user; it needs a current
+	// code. Wrong code: InvalidArgument; TOTP not enabled: FailedPrecondition.
+	//
+	// Auth: browser sessions only (with CSRF token).
+	DisableTOTP(ctx context.Context, in *DisableTOTPRequest, opts ...grpc.CallOption) (*DisableTOTPResponse, error)
 }
 
 type adminServiceClient struct {
@@ -116,6 +137,36 @@ func (c *adminServiceClient) ListAuditEvents(ctx context.Context, in *ListAuditE
 	return out, nil
 }
 
+func (c *adminServiceClient) BeginTOTPEnrollment(ctx context.Context, in *BeginTOTPEnrollmentRequest, opts ...grpc.CallOption) (*BeginTOTPEnrollmentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BeginTOTPEnrollmentResponse)
+	err := c.cc.Invoke(ctx, AdminService_BeginTOTPEnrollment_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) ConfirmTOTPEnrollment(ctx context.Context, in *ConfirmTOTPEnrollmentRequest, opts ...grpc.CallOption) (*ConfirmTOTPEnrollmentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ConfirmTOTPEnrollmentResponse)
+	err := c.cc.Invoke(ctx, AdminService_ConfirmTOTPEnrollment_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) DisableTOTP(ctx context.Context, in *DisableTOTPRequest, opts ...grpc.CallOption) (*DisableTOTPResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DisableTOTPResponse)
+	err := c.cc.Invoke(ctx, AdminService_DisableTOTP_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -143,6 +194,24 @@ type AdminServiceServer interface {
 	//
 	// Auth: admin scope; browser sessions.
 	ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error)
+	// BeginTOTPEnrollment creates a new TOTP secret for the calling user and
+	// returns it with an otpauth:// URI and a QR code. It takes effect only
+	// once ConfirmTOTPEnrollment proves the authenticator holds it.
+	// FailedPrecondition when TOTP is already enabled.
+	//
+	// Auth: browser sessions only (with CSRF token).
+	BeginTOTPEnrollment(context.Context, *BeginTOTPEnrollmentRequest) (*BeginTOTPEnrollmentResponse, error)
+	// ConfirmTOTPEnrollment enables TOTP for the calling user when the code
+	// matches the secret from BeginTOTPEnrollment. Wrong code:
+	// InvalidArgument; no enrolment begun: FailedPrecondition.
+	//
+	// Auth: browser sessions only (with CSRF token).
+	ConfirmTOTPEnrollment(context.Context, *ConfirmTOTPEnrollmentRequest) (*ConfirmTOTPEnrollmentResponse, error)
+	// DisableTOTP turns TOTP off for the calling user; it needs a current
+	// code. Wrong code: InvalidArgument; TOTP not enabled: FailedPrecondition.
+	//
+	// Auth: browser sessions only (with CSRF token).
+	DisableTOTP(context.Context, *DisableTOTPRequest) (*DisableTOTPResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -167,6 +236,15 @@ func (UnimplementedAdminServiceServer) RevokeAPIToken(context.Context, *RevokeAP
 }
 func (UnimplementedAdminServiceServer) ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListAuditEvents not implemented")
+}
+func (UnimplementedAdminServiceServer) BeginTOTPEnrollment(context.Context, *BeginTOTPEnrollmentRequest) (*BeginTOTPEnrollmentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BeginTOTPEnrollment not implemented")
+}
+func (UnimplementedAdminServiceServer) ConfirmTOTPEnrollment(context.Context, *ConfirmTOTPEnrollmentRequest) (*ConfirmTOTPEnrollmentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ConfirmTOTPEnrollment not implemented")
+}
+func (UnimplementedAdminServiceServer) DisableTOTP(context.Context, *DisableTOTPRequest) (*DisableTOTPResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DisableTOTP not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -279,6 +357,60 @@ func _AdminService_ListAuditEvents_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_BeginTOTPEnrollment_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BeginTOTPEnrollmentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).BeginTOTPEnrollment(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_BeginTOTPEnrollment_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).BeginTOTPEnrollment(ctx, req.(*BeginTOTPEnrollmentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_ConfirmTOTPEnrollment_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ConfirmTOTPEnrollmentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ConfirmTOTPEnrollment(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ConfirmTOTPEnrollment_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ConfirmTOTPEnrollment(ctx, req.(*ConfirmTOTPEnrollmentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_DisableTOTP_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DisableTOTPRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).DisableTOTP(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_DisableTOTP_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).DisableTOTP(ctx, req.(*DisableTOTPRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -305,6 +437,18 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAuditEvents",
 			Handler:    _AdminService_ListAuditEvents_Handler,
+		},
+		{
+			MethodName: "BeginTOTPEnrollment",
+			Handler:    _AdminService_BeginTOTPEnrollment_Handler,
+		},
+		{
+			MethodName: "ConfirmTOTPEnrollment",
+			Handler:    _AdminService_ConfirmTOTPEnrollment_Handler,
+		},
+		{
+			MethodName: "DisableTOTP",
+			Handler:    _AdminService_DisableTOTP_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -188,9 +188,15 @@ type Host struct {
 	AvailableCommands []string               `protobuf:"bytes,22,rep,name=available_commands,json=availableCommands,proto3" json:"available_commands,omitempty"`
 	CreatedAt         *timestamppb.Timestamp `protobuf:"bytes,23,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// Last test result.
-	Tests         *v1.TestReport `protobuf:"bytes,24,opt,name=tests,proto3" json:"tests,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Tests *v1.TestReport `protobuf:"bytes,24,opt,name=tests,proto3" json:"tests,omitempty"`
+	// Git commit the running agent binary was built from.
+	AgentSourceCommit string `protobuf:"bytes,25,opt,name=agent_source_commit,json=agentSourceCommit,proto3" json:"agent_source_commit,omitempty"`
+	// sha256 of the running agent binary, hex.
+	AgentBinaryHash string `protobuf:"bytes,26,opt,name=agent_binary_hash,json=agentBinaryHash,proto3" json:"agent_binary_hash,omitempty"`
+	// Resolved path of the running agent binary.
+	AgentStorePath string `protobuf:"bytes,27,opt,name=agent_store_path,json=agentStorePath,proto3" json:"agent_store_path,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Host) Reset() {
@@ -389,6 +395,27 @@ func (x *Host) GetTests() *v1.TestReport {
 		return x.Tests
 	}
 	return nil
+}
+
+func (x *Host) GetAgentSourceCommit() string {
+	if x != nil {
+		return x.AgentSourceCommit
+	}
+	return ""
+}
+
+func (x *Host) GetAgentBinaryHash() string {
+	if x != nil {
+		return x.AgentBinaryHash
+	}
+	return ""
+}
+
+func (x *Host) GetAgentStorePath() string {
+	if x != nil {
+		return x.AgentStorePath
+	}
+	return ""
 }
 
 // Command is one run of a command on a host.
@@ -3728,7 +3755,7 @@ var File_nixplane_fleet_v1_fleet_proto protoreflect.FileDescriptor
 
 const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\n" +
-	"\x1dnixplane/fleet/v1/fleet.proto\x12\x11nixplane.fleet.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dnixplane/types/v1/types.proto\"\xb5\b\n" +
+	"\x1dnixplane/fleet/v1/fleet.proto\x12\x11nixplane.fleet.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dnixplane/types/v1/types.proto\"\xbb\t\n" +
 	"\x04Host\x12\x17\n" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x128\n" +
@@ -3760,7 +3787,10 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\x12available_commands\x18\x16 \x03(\tR\x11availableCommands\x129\n" +
 	"\n" +
 	"created_at\x18\x17 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x123\n" +
-	"\x05tests\x18\x18 \x01(\v2\x1d.nixplane.types.v1.TestReportR\x05tests\"\xef\x04\n" +
+	"\x05tests\x18\x18 \x01(\v2\x1d.nixplane.types.v1.TestReportR\x05tests\x12.\n" +
+	"\x13agent_source_commit\x18\x19 \x01(\tR\x11agentSourceCommit\x12*\n" +
+	"\x11agent_binary_hash\x18\x1a \x01(\tR\x0fagentBinaryHash\x12(\n" +
+	"\x10agent_store_path\x18\x1b \x01(\tR\x0eagentStorePath\"\xef\x04\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x17\n" +

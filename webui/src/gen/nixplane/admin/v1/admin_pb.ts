@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file nixplane/admin/v1/admin.proto.
  */
 export const file_nixplane_admin_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("Ch1uaXhwbGFuZS9hZG1pbi92MS9hZG1pbi5wcm90bxIRbml4cGxhbmUuYWRtaW4udjEiDwoNV2hvQW1JUmVxdWVzdCJvCg5XaG9BbUlSZXNwb25zZRINCgVhY3RvchgBIAEoCRInCgVzY29wZRgCIAEoDjIYLm5peHBsYW5lLmFkbWluLnYxLlNjb3BlEg8KB3Nlc3Npb24YAyABKAgSFAoMdG90cF9lbmFibGVkGAQgASgIItMBCghBUElUb2tlbhIMCgRuYW1lGAEgASgJEicKBXNjb3BlGAIgASgOMhgubml4cGxhbmUuYWRtaW4udjEuU2NvcGUSLgoKY3JlYXRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMbGFzdF91c2VkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJ2ChVDcmVhdGVBUElUb2tlblJlcXVlc3QSDAoEbmFtZRgBIAEoCRInCgVzY29wZRgCIAEoDjIYLm5peHBsYW5lLmFkbWluLnYxLlNjb3BlEiYKA3R0bBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJUChZDcmVhdGVBUElUb2tlblJlc3BvbnNlEioKBXRva2VuGAEgASgLMhsubml4cGxhbmUuYWRtaW4udjEuQVBJVG9rZW4SDgoGc2VjcmV0GAIgASgJIhYKFExpc3RBUElUb2tlbnNSZXF1ZXN0IkQKFUxpc3RBUElUb2tlbnNSZXNwb25zZRIrCgZ0b2tlbnMYASADKAsyGy5uaXhwbGFuZS5hZG1pbi52MS5BUElUb2tlbiIlChVSZXZva2VBUElUb2tlblJlcXVlc3QSDAoEbmFtZRgBIAEoCSIYChZSZXZva2VBUElUb2tlblJlc3BvbnNlIpIBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIPCgdob3N0X2lkGAUgASgJEg4KBnJlc3VsdBgGIAEoCRIOCgZkZXRhaWwYByABKAkiSwoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIPCgdob3N0X2lkGAEgASgJEg0KBWxpbWl0GAIgASgFEhEKCWJlZm9yZV9pZBgDIAEoAyJIChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRItCgZldmVudHMYASADKAsyHS5uaXhwbGFuZS5hZG1pbi52MS5BdWRpdEV2ZW50KlIKBVNjb3BlEhUKEVNDT1BFX1VOU1BFQ0lGSUVEEAASDgoKU0NPUEVfUkVBRBABEhEKDVNDT1BFX09QRVJBVEUQAhIPCgtTQ09QRV9BRE1JThADMuwECgxBZG1pblNlcnZpY2USYgoGV2hvQW1JEiAubml4cGxhbmUuYWRtaW4udjEuV2hvQW1JUmVxdWVzdBohLm5peHBsYW5lLmFkbWluLnYxLldob0FtSVJlc3BvbnNlIhOC0+STAg0SCy9hcGkvd2hvYW1pEn0KDkNyZWF0ZUFQSVRva2VuEigubml4cGxhbmUuYWRtaW4udjEuQ3JlYXRlQVBJVG9rZW5SZXF1ZXN0Gikubml4cGxhbmUuYWRtaW4udjEuQ3JlYXRlQVBJVG9rZW5SZXNwb25zZSIWgtPkkwIQOgEqIgsvYXBpL3Rva2VucxJ3Cg1MaXN0QVBJVG9rZW5zEicubml4cGxhbmUuYWRtaW4udjEuTGlzdEFQSVRva2Vuc1JlcXVlc3QaKC5uaXhwbGFuZS5hZG1pbi52MS5MaXN0QVBJVG9rZW5zUmVzcG9uc2UiE4LT5JMCDRILL2FwaS90b2tlbnMSgQEKDlJldm9rZUFQSVRva2VuEigubml4cGxhbmUuYWRtaW4udjEuUmV2b2tlQVBJVG9rZW5SZXF1ZXN0Gikubml4cGxhbmUuYWRtaW4udjEuUmV2b2tlQVBJVG9rZW5SZXNwb25zZSIagtPkkwIUKhIvYXBpL3Rva2Vucy97bmFtZX0SfAoPTGlzdEF1ZGl0RXZlbnRzEikubml4cGxhbmUuYWRtaW4udjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBoqLm5peHBsYW5lLmFkbWluLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlIhKC0+STAgwSCi9hcGkvYXVkaXRCPFo6Z2l0aHViLmNvbS9uaXhwbGFuZS9uaXhwbGFuZS9nZW4vbml4cGxhbmUvYWRtaW4vdjE7YWRtaW52MWIGcHJvdG8z", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch1uaXhwbGFuZS9hZG1pbi92MS9hZG1pbi5wcm90bxIRbml4cGxhbmUuYWRtaW4udjEiDwoNV2hvQW1JUmVxdWVzdCJvCg5XaG9BbUlSZXNwb25zZRINCgVhY3RvchgBIAEoCRInCgVzY29wZRgCIAEoDjIYLm5peHBsYW5lLmFkbWluLnYxLlNjb3BlEg8KB3Nlc3Npb24YAyABKAgSFAoMdG90cF9lbmFibGVkGAQgASgIItMBCghBUElUb2tlbhIMCgRuYW1lGAEgASgJEicKBXNjb3BlGAIgASgOMhgubml4cGxhbmUuYWRtaW4udjEuU2NvcGUSLgoKY3JlYXRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMbGFzdF91c2VkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJ2ChVDcmVhdGVBUElUb2tlblJlcXVlc3QSDAoEbmFtZRgBIAEoCRInCgVzY29wZRgCIAEoDjIYLm5peHBsYW5lLmFkbWluLnYxLlNjb3BlEiYKA3R0bBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJUChZDcmVhdGVBUElUb2tlblJlc3BvbnNlEioKBXRva2VuGAEgASgLMhsubml4cGxhbmUuYWRtaW4udjEuQVBJVG9rZW4SDgoGc2VjcmV0GAIgASgJIhYKFExpc3RBUElUb2tlbnNSZXF1ZXN0IkQKFUxpc3RBUElUb2tlbnNSZXNwb25zZRIrCgZ0b2tlbnMYASADKAsyGy5uaXhwbGFuZS5hZG1pbi52MS5BUElUb2tlbiIlChVSZXZva2VBUElUb2tlblJlcXVlc3QSDAoEbmFtZRgBIAEoCSIYChZSZXZva2VBUElUb2tlblJlc3BvbnNlIpIBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIPCgdob3N0X2lkGAUgASgJEg4KBnJlc3VsdBgGIAEoCRIOCgZkZXRhaWwYByABKAkiSwoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIPCgdob3N0X2lkGAEgASgJEg0KBWxpbWl0GAIgASgFEhEKCWJlZm9yZV9pZBgDIAEoAyJIChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRItCgZldmVudHMYASADKAsyHS5uaXhwbGFuZS5hZG1pbi52MS5BdWRpdEV2ZW50IhwKGkJlZ2luVE9UUEVucm9sbG1lbnRSZXF1ZXN0IlIKG0JlZ2luVE9UUEVucm9sbG1lbnRSZXNwb25zZRIOCgZzZWNyZXQYASABKAkSEwoLb3RwYXV0aF91cmkYAiABKAkSDgoGcXJfcG5nGAMgASgMIiwKHENvbmZpcm1UT1RQRW5yb2xsbWVudFJlcXVlc3QSDAoEY29kZRgBIAEoCSIfCh1Db25maXJtVE9UUEVucm9sbG1lbnRSZXNwb25zZSIiChJEaXNhYmxlVE9UUFJlcXVlc3QSDAoEY29kZRgBIAEoCSIVChNEaXNhYmxlVE9UUFJlc3BvbnNlKlIKBVNjb3BlEhUKEVNDT1BFX1VOU1BFQ0lGSUVEEAASDgoKU0NPUEVfUkVBRBABEhEKDVNDT1BFX09QRVJBVEUQAhIPCgtTQ09QRV9BRE1JThADMqYICgxBZG1pblNlcnZpY2USYgoGV2hvQW1JEiAubml4cGxhbmUuYWRtaW4udjEuV2hvQW1JUmVxdWVzdBohLm5peHBsYW5lLmFkbWluLnYxLldob0FtSVJlc3BvbnNlIhOC0+STAg0SCy9hcGkvd2hvYW1pEn0KDkNyZWF0ZUFQSVRva2VuEigubml4cGxhbmUuYWRtaW4udjEuQ3JlYXRlQVBJVG9rZW5SZXF1ZXN0Gikubml4cGxhbmUuYWRtaW4udjEuQ3JlYXRlQVBJVG9rZW5SZXNwb25zZSIWgtPkkwIQOgEqIgsvYXBpL3Rva2VucxJ3Cg1MaXN0QVBJVG9rZW5zEicubml4cGxhbmUuYWRtaW4udjEuTGlzdEFQSVRva2Vuc1JlcXVlc3QaKC5uaXhwbGFuZS5hZG1pbi52MS5MaXN0QVBJVG9rZW5zUmVzcG9uc2UiE4LT5JMCDRILL2FwaS90b2tlbnMSgQEKDlJldm9rZUFQSVRva2VuEigubml4cGxhbmUuYWRtaW4udjEuUmV2b2tlQVBJVG9rZW5SZXF1ZXN0Gikubml4cGxhbmUuYWRtaW4udjEuUmV2b2tlQVBJVG9rZW5SZXNwb25zZSIagtPkkwIUKhIvYXBpL3Rva2Vucy97bmFtZX0SfAoPTGlzdEF1ZGl0RXZlbnRzEikubml4cGxhbmUuYWRtaW4udjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBoqLm5peHBsYW5lLmFkbWluLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlIhKC0+STAgwSCi9hcGkvYXVkaXQSlQEKE0JlZ2luVE9UUEVucm9sbG1lbnQSLS5uaXhwbGFuZS5hZG1pbi52MS5CZWdpblRPVFBFbnJvbGxtZW50UmVxdWVzdBouLm5peHBsYW5lLmFkbWluLnYxLkJlZ2luVE9UUEVucm9sbG1lbnRSZXNwb25zZSIfgtPkkwIZOgEqIhQvYXBpL3RvdHAvZW5yb2xsbWVudBKjAQoVQ29uZmlybVRPVFBFbnJvbGxtZW50Ei8ubml4cGxhbmUuYWRtaW4udjEuQ29uZmlybVRPVFBFbnJvbGxtZW50UmVxdWVzdBowLm5peHBsYW5lLmFkbWluLnYxLkNvbmZpcm1UT1RQRW5yb2xsbWVudFJlc3BvbnNlIieC0+STAiE6ASoiHC9hcGkvdG90cC9lbnJvbGxtZW50L2NvbmZpcm0SegoLRGlzYWJsZVRPVFASJS5uaXhwbGFuZS5hZG1pbi52MS5EaXNhYmxlVE9UUFJlcXVlc3QaJi5uaXhwbGFuZS5hZG1pbi52MS5EaXNhYmxlVE9UUFJlc3BvbnNlIhyC0+STAhY6ASoiES9hcGkvdG90cC9kaXNhYmxlQjxaOmdpdGh1Yi5jb20vbml4cGxhbmUvbml4cGxhbmUvZ2VuL25peHBsYW5lL2FkbWluL3YxO2FkbWludjFiBnByb3RvMw", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * WhoAmIRequest takes no arguments.
@@ -355,6 +355,128 @@ export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> 
   messageDesc(file_nixplane_admin_v1_admin, 11);
 
 /**
+ * BeginTOTPEnrollmentRequest takes no arguments.
+ *
+ * @generated from message nixplane.admin.v1.BeginTOTPEnrollmentRequest
+ */
+export type BeginTOTPEnrollmentRequest = Message<"nixplane.admin.v1.BeginTOTPEnrollmentRequest"> & {
+};
+
+/**
+ * Describes the message nixplane.admin.v1.BeginTOTPEnrollmentRequest.
+ * Use `create(BeginTOTPEnrollmentRequestSchema)` to create a new message.
+ */
+export const BeginTOTPEnrollmentRequestSchema: GenMessage<BeginTOTPEnrollmentRequest> = /*@__PURE__*/
+  messageDesc(file_nixplane_admin_v1_admin, 12);
+
+/**
+ * BeginTOTPEnrollmentResponse holds the new secret, shown only here.
+ *
+ * @generated from message nixplane.admin.v1.BeginTOTPEnrollmentResponse
+ */
+export type BeginTOTPEnrollmentResponse = Message<"nixplane.admin.v1.BeginTOTPEnrollmentResponse"> & {
+  /**
+   * Base32 secret for manual entry.
+   *
+   * @generated from field: string secret = 1;
+   */
+  secret: string;
+
+  /**
+   * otpauth://totp/... URI for authenticator apps.
+   *
+   * @generated from field: string otpauth_uri = 2;
+   */
+  otpauthUri: string;
+
+  /**
+   * The URI as a PNG QR code.
+   *
+   * @generated from field: bytes qr_png = 3;
+   */
+  qrPng: Uint8Array;
+};
+
+/**
+ * Describes the message nixplane.admin.v1.BeginTOTPEnrollmentResponse.
+ * Use `create(BeginTOTPEnrollmentResponseSchema)` to create a new message.
+ */
+export const BeginTOTPEnrollmentResponseSchema: GenMessage<BeginTOTPEnrollmentResponse> = /*@__PURE__*/
+  messageDesc(file_nixplane_admin_v1_admin, 13);
+
+/**
+ * ConfirmTOTPEnrollmentRequest proves the authenticator holds the secret.
+ *
+ * @generated from message nixplane.admin.v1.ConfirmTOTPEnrollmentRequest
+ */
+export type ConfirmTOTPEnrollmentRequest = Message<"nixplane.admin.v1.ConfirmTOTPEnrollmentRequest"> & {
+  /**
+   * Current six-digit code.
+   *
+   * @generated from field: string code = 1;
+   */
+  code: string;
+};
+
+/**
+ * Describes the message nixplane.admin.v1.ConfirmTOTPEnrollmentRequest.
+ * Use `create(ConfirmTOTPEnrollmentRequestSchema)` to create a new message.
+ */
+export const ConfirmTOTPEnrollmentRequestSchema: GenMessage<ConfirmTOTPEnrollmentRequest> = /*@__PURE__*/
+  messageDesc(file_nixplane_admin_v1_admin, 14);
+
+/**
+ * ConfirmTOTPEnrollmentResponse is empty.
+ *
+ * @generated from message nixplane.admin.v1.ConfirmTOTPEnrollmentResponse
+ */
+export type ConfirmTOTPEnrollmentResponse = Message<"nixplane.admin.v1.ConfirmTOTPEnrollmentResponse"> & {
+};
+
+/**
+ * Describes the message nixplane.admin.v1.ConfirmTOTPEnrollmentResponse.
+ * Use `create(ConfirmTOTPEnrollmentResponseSchema)` to create a new message.
+ */
+export const ConfirmTOTPEnrollmentResponseSchema: GenMessage<ConfirmTOTPEnrollmentResponse> = /*@__PURE__*/
+  messageDesc(file_nixplane_admin_v1_admin, 15);
+
+/**
+ * DisableTOTPRequest carries a current code.
+ *
+ * @generated from message nixplane.admin.v1.DisableTOTPRequest
+ */
+export type DisableTOTPRequest = Message<"nixplane.admin.v1.DisableTOTPRequest"> & {
+  /**
+   * Current six-digit code.
+   *
+   * @generated from field: string code = 1;
+   */
+  code: string;
+};
+
+/**
+ * Describes the message nixplane.admin.v1.DisableTOTPRequest.
+ * Use `create(DisableTOTPRequestSchema)` to create a new message.
+ */
+export const DisableTOTPRequestSchema: GenMessage<DisableTOTPRequest> = /*@__PURE__*/
+  messageDesc(file_nixplane_admin_v1_admin, 16);
+
+/**
+ * DisableTOTPResponse is empty.
+ *
+ * @generated from message nixplane.admin.v1.DisableTOTPResponse
+ */
+export type DisableTOTPResponse = Message<"nixplane.admin.v1.DisableTOTPResponse"> & {
+};
+
+/**
+ * Describes the message nixplane.admin.v1.DisableTOTPResponse.
+ * Use `create(DisableTOTPResponseSchema)` to create a new message.
+ */
+export const DisableTOTPResponseSchema: GenMessage<DisableTOTPResponse> = /*@__PURE__*/
+  messageDesc(file_nixplane_admin_v1_admin, 17);
+
+/**
  * Scope is what an API token may do. Scopes nest: read ⊂ operate ⊂ admin.
  *
  * @generated from enum nixplane.admin.v1.Scope
@@ -459,6 +581,48 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof ListAuditEventsRequestSchema;
     output: typeof ListAuditEventsResponseSchema;
+  },
+  /**
+   * BeginTOTPEnrollment creates a new TOTP secret for the calling user and
+   * returns it with an otpauth:// URI and a QR code. It takes effect only
+   * once ConfirmTOTPEnrollment proves the authenticator holds it.
+   * FailedPrecondition when TOTP is already enabled.
+   *
+   * Auth: browser sessions only (with CSRF token).
+   *
+   * @generated from rpc nixplane.admin.v1.AdminService.BeginTOTPEnrollment
+   */
+  beginTOTPEnrollment: {
+    methodKind: "unary";
+    input: typeof BeginTOTPEnrollmentRequestSchema;
+    output: typeof BeginTOTPEnrollmentResponseSchema;
+  },
+  /**
+   * ConfirmTOTPEnrollment enables TOTP for the calling user when the code
+   * matches the secret from BeginTOTPEnrollment. Wrong code:
+   * InvalidArgument; no enrolment begun: FailedPrecondition.
+   *
+   * Auth: browser sessions only (with CSRF token).
+   *
+   * @generated from rpc nixplane.admin.v1.AdminService.ConfirmTOTPEnrollment
+   */
+  confirmTOTPEnrollment: {
+    methodKind: "unary";
+    input: typeof ConfirmTOTPEnrollmentRequestSchema;
+    output: typeof ConfirmTOTPEnrollmentResponseSchema;
+  },
+  /**
+   * DisableTOTP turns TOTP off for the calling user; it needs a current
+   * code. Wrong code: InvalidArgument; TOTP not enabled: FailedPrecondition.
+   *
+   * Auth: browser sessions only (with CSRF token).
+   *
+   * @generated from rpc nixplane.admin.v1.AdminService.DisableTOTP
+   */
+  disableTOTP: {
+    methodKind: "unary";
+    input: typeof DisableTOTPRequestSchema;
+    output: typeof DisableTOTPResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_nixplane_admin_v1_admin, 0);
