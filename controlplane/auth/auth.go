@@ -48,6 +48,9 @@ type Rule struct {
 	// Mutating methods need, when called with a session cookie, the session's
 	// CSRF token and a same-origin Origin header.
 	Mutating bool
+	// SessionOnly methods act on the calling person's own account (TOTP
+	// enrolment): API tokens are refused even with the admin scope.
+	SessionOnly bool
 }
 
 // Policy maps full gRPC method names ("/pkg.Service/Method") to rules.
@@ -116,6 +119,9 @@ func (a *Authenticator) Authenticate(ctx context.Context, method string, md meta
 	}
 	if id.Kind == KindAgent {
 		return nil, status.Error(codes.PermissionDenied, "agent tokens may only open the agent stream")
+	}
+	if rule.SessionOnly && id.SessionIDHash == nil {
+		return nil, status.Error(codes.PermissionDenied, "only a browser session may call this method")
 	}
 	if id.Scope < rule.Scope {
 		return nil, status.Errorf(codes.PermissionDenied, "this call needs the %s scope; the caller has %s", rule.Scope, id.Scope)

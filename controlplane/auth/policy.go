@@ -18,6 +18,7 @@ func DefaultPolicy() Policy {
 	operate := Rule{Scope: ScopeOperate, Mutating: true}
 	admin := Rule{Scope: ScopeAdmin, Mutating: true}
 	adminRead := Rule{Scope: ScopeAdmin}
+	ownAccount := Rule{Scope: ScopeRead, Mutating: true, SessionOnly: true}
 	return Policy{
 		agentv1.AgentService_Connect_FullMethodName: {Agent: true},
 
@@ -44,6 +45,10 @@ func DefaultPolicy() Policy {
 		adminv1.AdminService_ListAPITokens_FullMethodName:   adminRead,
 		adminv1.AdminService_RevokeAPIToken_FullMethodName:  admin,
 		adminv1.AdminService_ListAuditEvents_FullMethodName: adminRead,
+
+		adminv1.AdminService_BeginTOTPEnrollment_FullMethodName:   ownAccount,
+		adminv1.AdminService_ConfirmTOTPEnrollment_FullMethodName: ownAccount,
+		adminv1.AdminService_DisableTOTP_FullMethodName:           ownAccount,
 
 		MethodMetrics: read,
 

@@ -1,9 +1,16 @@
 package fleetapi
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"image/png"
+	"sync"
 	"time"
+
+	"github.com/pquerna/otp"
+	"github.com/pquerna/otp/totp"
+	"golang.org/x/time/rate"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -19,12 +26,36 @@ import (
 type AdminStore interface {
 	store.APITokens
 	store.Audit
+	store.Users
+	TOTPEnrolment
 }
+
+// TOTPEnrolment keeps a TOTP secret apart while it is being enrolled, so a
+// secret the user's authenticator has not proven to hold never guards (or
+// locks) the account. [store.SQLite] implements it.
+type TOTPEnrolment interface {
+	// SetPendingTOTP stores the secret being enrolled.
+	SetPendingTOTP(ctx context.Context, user, secret string) error
+	// PendingTOTP returns it; empty when no enrolment is under way.
+	PendingTOTP(ctx context.Context, user string) (string, error)
+	// ConfirmTOTP enables the pending secret if it is still secret;
+	// store.ErrNotFound otherwise.
+	ConfirmTOTP(ctx context.Context, user, secret string) error
+	// DisableTOTP clears the enabled secret if it is still secret;
+	// store.ErrNotFound otherwise.
+	DisableTOTP(ctx context.Context, user, secret string) error
+}
+
+// TOTPIssuer names the server in authenticator apps.
+const TOTPIssuer = "nixplane"
 
 // Admin implements adminv1.AdminServiceServer.
 type Admin struct {
 	adminv1.UnimplementedAdminServiceServer
 	Store AdminStore
+
+	limMu    sync.Mutex
+	codeLims map[string]*rate.Limiter
 }
 
 // WhoAmI implements AdminService.
@@ -123,4 +154,131 @@ func (a *Admin) ListAuditEvents(ctx context.Context, req *adminv1.ListAuditEvent
 			HostId: e.HostID, Result: e.Result, Detail: e.Detail})
 	}
 	return out, nil
+}
+
+// BeginTOTPEnrollment implements AdminService: a new secret, kept pending
+// until ConfirmTOTPEnrollment.
+func (a *Admin) BeginTOTPEnrollment(ctx context.Context, _ *adminv1.BeginTOTPEnrollmentRequest) (*adminv1.BeginTOTPEnrollmentResponse, error) {
+	user, err := a.sessionUser(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if user.TOTPSecret != "" {
+		return nil, status.Error(codes.FailedPrecondition, "TOTP is already enabled; disable it first to enrol a new authenticator")
+	}
+	key, err := totp.Generate(totp.GenerateOpts{Issuer: TOTPIssuer, AccountName: user.Name})
+	if err != nil {
+		return nil, status.Error(codes.Internal, "generate TOTP secret")
+	}
+	qr, err := qrPNG(key)
+	if err != nil {
+		return nil, status.Error(codes.Internal, "render QR code")
+	}
+	if err := a.Store.SetPendingTOTP(ctx, user.Name, key.Secret()); err != nil {
+		return nil, status.Error(codes.Internal, "store pending TOTP secret")
+	}
+	return &adminv1.BeginTOTPEnrollmentResponse{Secret: key.Secret(), OtpauthUri: key.URL(), QrPng: qr}, nil
+}
+
+func qrPNG(key *otp.Key) ([]byte, error) {
+	img, err := key.Image(256, 256)
+	if err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, img); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// ConfirmTOTPEnrollment implements AdminService: the pending secret becomes
+// the account's when the code matches it.
+func (a *Admin) ConfirmTOTPEnrollment(ctx context.Context, req *adminv1.ConfirmTOTPEnrollmentRequest) (*adminv1.ConfirmTOTPEnrollmentResponse, error) {
+	user, err := a.sessionUser(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pending, err := a.Store.PendingTOTP(ctx, user.Name)
+	if err != nil {
+		return nil, status.Error(codes.Internal, "read pending TOTP secret")
+	}
+	if pending == "" {
+		return nil, status.Error(codes.FailedPrecondition, "no TOTP enrolment under way; begin one first")
+	}
+	if err := a.checkCode(user.Name, req.Code, pending); err != nil {
+		return nil, err
+	}
+	if err := a.Store.ConfirmTOTP(ctx, user.Name, pending); err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return nil, status.Error(codes.FailedPrecondition, "the enrolment changed meanwhile; begin again")
+		}
+		return nil, status.Error(codes.Internal, "enable TOTP")
+	}
+	return &adminv1.ConfirmTOTPEnrollmentResponse{}, nil
+}
+
+// DisableTOTP implements AdminService: a current code turns TOTP off.
+func (a *Admin) DisableTOTP(ctx context.Context, req *adminv1.DisableTOTPRequest) (*adminv1.DisableTOTPResponse, error) {
+	user, err := a.sessionUser(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if user.TOTPSecret == "" {
+		return nil, status.Error(codes.FailedPrecondition, "TOTP is not enabled")
+	}
+	if err := a.checkCode(user.Name, req.Code, user.TOTPSecret); err != nil {
+		return nil, err
+	}
+	if err := a.Store.DisableTOTP(ctx, user.Name, user.TOTPSecret); err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return nil, status.Error(codes.FailedPrecondition, "TOTP changed meanwhile; reload and try again")
+		}
+		return nil, status.Error(codes.Internal, "disable TOTP")
+	}
+	return &adminv1.DisableTOTPResponse{}, nil
+}
+
+// sessionUser is the calling browser session's user. The policy admits
+// only sessions to the TOTP methods; this is the second lock.
+func (a *Admin) sessionUser(ctx context.Context) (store.User, error) {
+	id := auth.FromContext(ctx)
+	if id == nil || id.Kind != auth.KindUser || id.SessionIDHash == nil {
+		return store.User{}, status.Error(codes.PermissionDenied, "only a browser session may manage its TOTP")
+	}
+	u, err := a.Store.GetUser(ctx, id.Name)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return store.User{}, status.Error(codes.Unauthenticated, "the session's user no longer exists")
+		}
+		return store.User{}, status.Error(codes.Internal, "read user")
+	}
+	return u, nil
+}
+
+// checkCode validates a six-digit code against secret, at most 5 attempts
+// then one every 12 seconds per user, so a stolen session cannot guess its
+// way to disabling TOTP.
+func (a *Admin) checkCode(user, code, secret string) error {
+	if len(code) != 6 {
+		// Cannot match: no attempt spent.
+		return status.Error(codes.InvalidArgument, "the one-time code has six digits")
+	}
+	a.limMu.Lock()
+	if a.codeLims == nil || len(a.codeLims) > 10_000 {
+		a.codeLims = map[string]*rate.Limiter{}
+	}
+	lim := a.codeLims[user]
+	if lim == nil {
+		lim = rate.NewLimiter(rate.Every(12*time.Second), 5)
+		a.codeLims[user] = lim
+	}
+	a.limMu.Unlock()
+	if !lim.Allow() {
+		return status.Error(codes.ResourceExhausted, "too many one-time code attempts; wait a minute")
+	}
+	if !totp.Validate(code, secret) {
+		return status.Error(codes.InvalidArgument, "wrong or expired one-time code")
+	}
+	return nil
 }

@@ -139,3 +139,52 @@ func (s *SQLite) DeleteExpiredSessions(ctx context.Context, now, idleBefore time
 	}
 	return int(n), nil
 }
+
+// SetPendingTOTP stores a TOTP secret being enrolled for a user, replacing
+// any earlier pending one; it does not change the enabled secret.
+// ErrNotFound if the user is absent.
+func (s *SQLite) SetPendingTOTP(ctx context.Context, user, secret string) error {
+	res, err := s.w.ExecContext(ctx, `UPDATE users SET totp_pending = ? WHERE name = ?`, secret, user)
+	if err == nil {
+		err = requireOne(res)
+	}
+	return mapErr(err, "set pending TOTP of user %q", user)
+}
+
+// PendingTOTP returns a user's pending TOTP secret, empty when no enrolment
+// is under way; ErrNotFound if the user is absent.
+func (s *SQLite) PendingTOTP(ctx context.Context, user string) (string, error) {
+	var secret string
+	err := s.r.QueryRowContext(ctx, `SELECT totp_pending FROM users WHERE name = ?`, user).Scan(&secret)
+	if err != nil {
+		return "", mapErr(err, "get pending TOTP of user %q", user)
+	}
+	return secret, nil
+}
+
+// ConfirmTOTP enables the pending secret, if it is still the one given, and
+// clears it, in one statement: two confirmations racing with a new
+// enrolment cannot enable a secret the user never saw. ErrNotFound when the
+// user is absent or the pending secret has changed.
+func (s *SQLite) ConfirmTOTP(ctx context.Context, user, secret string) error {
+	if secret == "" {
+		return fmt.Errorf("store: confirm TOTP of user %q: empty secret", user)
+	}
+	res, err := s.w.ExecContext(ctx,
+		`UPDATE users SET totp_secret = totp_pending, totp_pending = '' WHERE name = ? AND totp_pending = ?`, user, secret)
+	if err == nil {
+		err = requireOne(res)
+	}
+	return mapErr(err, "confirm TOTP of user %q", user)
+}
+
+// DisableTOTP clears a user's TOTP secret and any pending one, if the
+// enabled secret is still the one given; ErrNotFound otherwise.
+func (s *SQLite) DisableTOTP(ctx context.Context, user, secret string) error {
+	res, err := s.w.ExecContext(ctx,
+		`UPDATE users SET totp_secret = '', totp_pending = '' WHERE name = ? AND totp_secret = ? AND totp_secret <> ''`, user, secret)
+	if err == nil {
+		err = requireOne(res)
+	}
+	return mapErr(err, "disable TOTP of user %q", user)
+}
