@@ -46,6 +46,26 @@ func Short(s string) string {
 	return s
 }
 
+// shortPair abbreviates two different commits to 7 digits, or to 12 when
+// 7 would make them look equal.
+func shortPair(a, b string) (string, string) {
+	if Short(a) != Short(b) {
+		return Short(a), Short(b)
+	}
+	return a[:min(12, len(a))], b[:min(12, len(b))]
+}
+
+// tooShortToCompare reports whether a and b agree on their common prefix
+// but one is shorter than an unambiguous abbreviation: they may or may not
+// name the same commit.
+func tooShortToCompare(a, b string) bool {
+	a, b = strings.ToLower(a), strings.ToLower(b)
+	if len(a) > len(b) {
+		a, b = b, a
+	}
+	return len(a) < 7 && strings.HasPrefix(b, a)
+}
+
 // SameCommit reports whether two commit ids name the same commit, allowing
 // one to be an abbreviation (at least 7 hex digits) of the other.
 func SameCommit(a, b string) bool {
@@ -88,19 +108,25 @@ func Compute(in Inputs) *typesv1.UpdateStatus {
 }
 
 func agent(h *fleetv1.Host, want string, now time.Time) *typesv1.Compartment {
+	v := h.AgentVersion
+	mismatch := want != "" && v != want
 	switch {
-	case h.AgentVersion == "":
+	case v == "":
 		return comp(unknown, time.Time{}, "Agent has not reported its version")
-	case want != "" && h.AgentVersion != want:
-		return comp(outdated, now, "Agent %s, server expects %s", h.AgentVersion, want)
+	case want == "":
+		return comp(unknown, time.Time{}, "Agent %s; the server expects no particular version, so it cannot be compared", v)
+	case h.AgentFreshness == typesv1.AgentFreshness_AGENT_FRESHNESS_STALE && mismatch:
+		return comp(errored, now, "Agent %s still runs after the last switch although the server expects %s: the old binary did not change; %s", v, want, staleAdvice)
+	case h.AgentFreshness == typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS && mismatch:
+		return comp(outdated, now, "Agent %s, server expects %s; the last switch changed only its source commit, not its binary: %s", v, want, suspiciousAdvice)
+	case mismatch:
+		return comp(outdated, now, "Agent %s, server expects %s: switch the host to a configuration with the new agent", v, want)
+	case h.AgentFreshness == typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS:
+		return comp(outdated, now, "Agent %s: the last switch changed only its source commit, not its binary: %s", v, suspiciousAdvice)
 	}
-	switch h.AgentFreshness {
-	case typesv1.AgentFreshness_AGENT_FRESHNESS_STALE:
-		return comp(errored, now, "Agent binary did not change with the last switch: the old agent still runs (collect garbage and switch again)")
-	case typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS:
-		return comp(outdated, now, "Only the agent's source commit changed, not its binary: possibly a stale Nix cache")
-	}
-	return comp(ok, now, "Agent %s is current", h.AgentVersion)
+	// A stale verdict with matching versions means the server's expectation
+	// changed since: the running agent is the one it expects now.
+	return comp(ok, now, "Agent %s is current", v)
 }
 
 // targetProblem is the compartment both Git and Lock show when the target
@@ -121,17 +147,19 @@ func git(h *fleetv1.Host, t *fleetv1.FleetTarget, at time.Time) *typesv1.Compart
 	}
 	switch {
 	case t.GitCommit == "":
-		return comp(errored, at, "Fleet target has no commit")
+		return comp(errored, at, "Fleet target is missing gitCommit: the fleet repository branch or version.json names no commit")
 	case h.Generation == "":
 		return comp(unknown, at, "Host has not reported its commit")
 	case SameCommit(h.Generation, t.GitCommit):
 		return comp(ok, at, "Up to date with remote (%s)", Short(t.GitCommit))
+	case tooShortToCompare(h.Generation, t.GitCommit):
+		return comp(unknown, at, "Host commit %s and target commit %s are too short to compare", h.Generation, t.GitCommit)
 	}
-	msg := firstLine(t.Message)
-	if msg != "" {
-		return comp(outdated, at, "Behind remote (%s → %s): %s", Short(h.Generation), Short(t.GitCommit), msg)
+	from, to := shortPair(h.Generation, t.GitCommit)
+	if msg := firstLine(t.Message); msg != "" {
+		return comp(outdated, at, "Behind remote (%s → %s): %s", from, to, msg)
 	}
-	return comp(outdated, at, "Behind remote (%s → %s)", Short(h.Generation), Short(t.GitCommit))
+	return comp(outdated, at, "Behind remote (%s → %s)", from, to)
 }
 
 func lock(h *fleetv1.Host, t *fleetv1.FleetTarget, at time.Time) *typesv1.Compartment {
@@ -140,7 +168,7 @@ func lock(h *fleetv1.Host, t *fleetv1.FleetTarget, at time.Time) *typesv1.Compar
 	}
 	switch {
 	case t.LockHash == "":
-		return comp(errored, at, "Fleet target has no flake.lock hash")
+		return comp(errored, at, "Fleet target is missing lockHash: no flake.lock at the target commit, or version.json has no lockHash")
 	case h.LockHash == "":
 		return comp(unknown, at, "Host has not reported a flake.lock hash")
 	case strings.EqualFold(h.LockHash, t.LockHash):
@@ -168,11 +196,14 @@ func tests(h *fleetv1.Host) *typesv1.Compartment {
 	}
 	switch {
 	case t.Generation != "" && h.Generation != "" && !SameCommit(t.Generation, h.Generation):
-		return comp(outdated, at, "Tests ran on %s; the host now runs %s", Short(t.Generation), Short(h.Generation))
+		return comp(outdated, at, "Tests ran on %s; the host now runs %s: run the tests again", Short(t.Generation), Short(h.Generation))
 	case t.Total == 0:
 		return comp(errored, at, "No tests found")
 	case t.Passed < t.Total:
 		return comp(errored, at, "%d of %d tests failed: %s", t.Total-t.Passed, t.Total, strings.Join(t.Failed, ", "))
+	case t.Generation == "" || h.Generation == "":
+		// Passing tests count only for the generation they ran on.
+		return comp(unknown, at, "All %d tests passed, but on an unknown generation: run the tests again", t.Total)
 	}
 	return comp(ok, at, "All %d tests passed", t.Total)
 }

@@ -69,11 +69,21 @@ func TestGitAndLock(t *testing.T) {
 		{"no target", host(nil), nil, want{unk, "No fleet target"}, want{unk, "No fleet target"}},
 		{"fetch error is never ok", host(nil), &fleetv1.FleetTarget{Error: "git fetch: timeout", GitCommit: commitA, LockHash: lockA},
 			want{bad, "fetch failing: git fetch: timeout"}, want{bad, "fetch failing"}},
-		{"target without commit or lock", host(nil), target("", ""), want{bad, "no commit"}, want{bad, "no flake.lock hash"}},
+		{"target without commit or lock", host(nil), target("", ""), want{bad, "missing gitCommit"}, want{bad, "missing lockHash"}},
+		{"target without lock hash", host(nil), target(commitA, ""), want{okk, "Up to date"}, want{bad, "missing lockHash"}},
+		{"target without lock hash, host without lock", host(func(h *fleetv1.Host) { h.LockHash = "" }), target(commitA, ""), want{okk, ""}, want{bad, "missing lockHash"}},
+		{"fetch error without data", host(nil), &fleetv1.FleetTarget{Error: "version.json: 404"}, want{bad, "fetch failing: version.json: 404"}, want{bad, "fetch failing"}},
+		{"fetch error, host unknown too", host(func(h *fleetv1.Host) { h.Generation, h.LockHash = "", "" }), &fleetv1.FleetTarget{Error: "timeout", GitCommit: commitA, LockHash: lockA},
+			want{bad, "fetch failing"}, want{bad, "fetch failing"}},
+		{"seven-digit prefix of another commit", host(func(h *fleetv1.Host) { h.Generation = "aaaaaab" }), target(commitA, lockA), want{out, "Behind remote (aaaaaab → aaaaaaa)"}, want{okk, ""}},
+		{"full commits differing after seven digits", host(func(h *fleetv1.Host) { h.Generation = "aaaaaaa2" + commitA[8:] }), target(commitA, lockA), want{out, "Behind remote (aaaaaaa21111 → aaaaaaa11111)"}, want{okk, ""}},
+		{"short unrelated commit", host(func(h *fleetv1.Host) { h.Generation = "cccccc" }), target(commitA, lockA), want{out, "cccccc → aaaaaaa"}, want{okk, ""}},
+		{"behind without a message", host(nil), &fleetv1.FleetTarget{GitCommit: commitB, LockHash: lockA, FetchedAt: timestamppb.New(fetchedAt)}, want{out, "Behind remote (aaaaaaa → bbbbbbb)"}, want{okk, ""}},
 		{"current", host(nil), target(commitA, lockA), want{okk, "Up to date"}, want{okk, "current"}},
 		{"abbreviated host commit", host(func(h *fleetv1.Host) { h.Generation = "aaaaaaa1" }), target(commitA, lockA), want{okk, "aaaaaaa"}, want{okk, ""}},
 		{"abbreviated target commit", host(nil), target("AAAAAAA1", lockA), want{okk, ""}, want{okk, ""}},
-		{"six-digit abbreviation is too short", host(func(h *fleetv1.Host) { h.Generation = "aaaaaa" }), target(commitA, lockA), want{out, "aaaaaa → aaaaaaa"}, want{okk, ""}},
+		{"six-digit abbreviation is too short to tell", host(func(h *fleetv1.Host) { h.Generation = "aaaaaa" }), target(commitA, lockA), want{unk, "too short to compare"}, want{okk, ""}},
+		{"short target commit is too short to tell", host(nil), target("aaaa", lockA), want{unk, "too short to compare"}, want{okk, ""}},
 		{"behind", host(nil), target(commitB, lockB), want{out, "Behind remote (aaaaaaa → bbbbbbb): flake: update nixpkgs"}, want{out, "host: 11111111, target: 22222222"}},
 		{"lock case differs", host(func(h *fleetv1.Host) { h.LockHash = strings.ToUpper(lockA) }), target(commitA, lockA), want{okk, ""}, want{okk, ""}},
 		{"short lock hash", host(func(h *fleetv1.Host) { h.LockHash = "abc" }), target(commitA, lockA), want{okk, ""}, want{out, "host: abc,"}},
@@ -95,6 +105,32 @@ func TestGitAndLock(t *testing.T) {
 	}
 }
 
+// TestBehindMessage pins the Git message format operators read.
+func TestBehindMessage(t *testing.T) {
+	us := Compute(Inputs{Host: host(func(h *fleetv1.Host) { h.Generation = "a1b2c3d4e5f6" }), Target: &fleetv1.FleetTarget{
+		GitCommit: "e4f5a6b7c8d9", LockHash: lockA, Message: "hosts: enable ssh\n\nbody"}, Now: now})
+	if want := "Behind remote (a1b2c3d → e4f5a6b): hosts: enable ssh"; us.Git.Message != want || us.Git.Status != out {
+		t.Fatalf("git = %v %q, want outdated %q", us.Git.Status, us.Git.Message, want)
+	}
+}
+
+// TestUnknownIsNeverOutdated: whatever is missing on the host side makes a
+// compartment unknown, never outdated or error, however the target looks.
+func TestUnknownIsNeverOutdated(t *testing.T) {
+	bare := &fleetv1.Host{HostId: "web-1"}
+	for _, tg := range []*fleetv1.FleetTarget{target(commitA, lockA), target(commitB, lockB)} {
+		us := Compute(Inputs{Host: bare, Target: tg, ServerVersion: "1.0.0", Now: now})
+		for name, c := range map[string]*typesv1.Compartment{"agent": us.Agent, "git": us.Git, "lock": us.Lock, "system": us.System, "tests": us.Tests} {
+			if c.Status != unk {
+				t.Errorf("%s of a host that reported nothing = %v %q, want unknown", name, c.Status, c.Message)
+			}
+			if c.Message == "" {
+				t.Errorf("%s: unknown without a reason", name)
+			}
+		}
+	}
+}
+
 func TestLongTargetMessageIsCut(t *testing.T) {
 	tg := target(commitB, lockA)
 	tg.Message = strings.Repeat("x", 500) + "\nsecond line"
@@ -113,15 +149,24 @@ func TestAgent(t *testing.T) {
 	}{
 		{"current", host(nil), "1.0.0", want{okk, "1.0.0 is current"}},
 		{"no version reported", host(func(h *fleetv1.Host) { h.AgentVersion = "" }), "1.0.0", want{unk, "not reported its version"}},
-		{"version mismatch", host(func(h *fleetv1.Host) { h.AgentVersion = "0.9.0" }), "1.0.0", want{out, "Agent 0.9.0, server expects 1.0.0"}},
-		{"server version unknown", host(func(h *fleetv1.Host) { h.AgentVersion = "0.9.0" }), "", want{okk, ""}},
-		{"stale binary", host(func(h *fleetv1.Host) { h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_STALE }), "1.0.0", want{bad, "old agent still runs"}},
-		{"suspicious freshness", host(func(h *fleetv1.Host) { h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS }), "1.0.0", want{out, "stale Nix cache"}},
-		{"freshness unknown", host(func(h *fleetv1.Host) { h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_UNKNOWN }), "1.0.0", want{okk, ""}},
-		{"mismatch wins over freshness", host(func(h *fleetv1.Host) {
+		{"version mismatch is outdated", host(func(h *fleetv1.Host) { h.AgentVersion = "0.9.0" }), "1.0.0", want{out, "Agent 0.9.0, server expects 1.0.0: switch the host"}},
+		{"server version unknown is not green by inference", host(func(h *fleetv1.Host) { h.AgentVersion = "0.9.0" }), "", want{unk, "cannot be compared"}},
+		{"stale binary after a switch", host(func(h *fleetv1.Host) {
 			h.AgentVersion = "0.9.0"
 			h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_STALE
-		}), "1.0.0", want{out, "server expects"}},
+		}), "1.0.0", want{bad, "Agent 0.9.0 still runs after the last switch although the server expects 1.0.0"}},
+		{"stale names the remedy", host(func(h *fleetv1.Host) {
+			h.AgentVersion = "0.9.0"
+			h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_STALE
+		}), "1.0.0", want{bad, "nix-collect-garbage -d"}},
+		{"stale verdict from an older server expectation", host(func(h *fleetv1.Host) { h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_STALE }), "1.0.0", want{okk, "is current"}},
+		{"suspicious freshness", host(func(h *fleetv1.Host) { h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS }), "1.0.0", want{out, "Nix cache issue?"}},
+		{"suspicious and mismatched", host(func(h *fleetv1.Host) {
+			h.AgentVersion = "0.9.0"
+			h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS
+		}), "1.0.0", want{out, "server expects 1.0.0; the last switch changed only its source commit"}},
+		{"freshness unknown", host(func(h *fleetv1.Host) { h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_UNKNOWN }), "1.0.0", want{okk, ""}},
+		{"freshness unset", host(func(h *fleetv1.Host) { h.AgentFreshness = typesv1.AgentFreshness_AGENT_FRESHNESS_UNSPECIFIED }), "1.0.0", want{okk, ""}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			check(t, "agent", Compute(Inputs{Host: tc.host, ServerVersion: tc.server, Now: now}).Agent, tc.want)
@@ -160,7 +205,8 @@ func TestTests(t *testing.T) {
 		{"never ran", nil, want{unk, "No test run"}},
 		{"all passed", &typesv1.TestReport{Passed: 3, Total: 3, Generation: commitA, RanAt: ran}, want{okk, "All 3 tests passed"}},
 		{"ran on an abbreviation of the generation", &typesv1.TestReport{Passed: 3, Total: 3, Generation: "aaaaaaa1"}, want{okk, ""}},
-		{"ran without a generation", &typesv1.TestReport{Passed: 1, Total: 1}, want{okk, ""}},
+		{"passed without a generation is not green", &typesv1.TestReport{Passed: 1, Total: 1}, want{unk, "unknown generation"}},
+		{"failed without a generation", &typesv1.TestReport{Passed: 0, Total: 1, Failed: []string{"boot"}}, want{bad, "1 of 1 tests failed: boot"}},
 		{"failing", &typesv1.TestReport{Passed: 1, Total: 3, Failed: []string{"boot", "ssh"}, Generation: commitA}, want{bad, "2 of 3 tests failed: boot, ssh"}},
 		{"no tests", &typesv1.TestReport{Generation: commitA}, want{bad, "No tests found"}},
 		{"outdated by a generation change", &typesv1.TestReport{Passed: 3, Total: 3, Generation: commitB}, want{out, "Tests ran on bbbbbbb; the host now runs aaaaaaa"}},
