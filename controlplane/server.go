@@ -33,6 +33,7 @@ import (
 	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/commands"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
+	"github.com/nixplane/nixplane/controlplane/github"
 	"github.com/nixplane/nixplane/controlplane/hub"
 	"github.com/nixplane/nixplane/controlplane/store"
 	"github.com/nixplane/nixplane/controlplane/target"
@@ -61,6 +62,21 @@ type Config struct {
 	FleetRepo, Branch, VersionURL string
 	// TargetPoll is how often the target is refetched (default 60s).
 	TargetPoll time.Duration
+	// GitHubRepo ("owner/name") enables the pending flake-update PR and
+	// Merge & Deploy; GitHubTokenFile holds the API token (read at start).
+	// Without GitHubRepo, MergeAndDeploy answers "not configured".
+	GitHubRepo, GitHubTokenFile string
+	// GitHubAPIURL is the REST API base, e.g. https://github.example.com/api/v3/
+	// for GitHub Enterprise; empty means api.github.com.
+	GitHubAPIURL string
+	// GitHubPoll is how often the pending PR is looked for (default 60s).
+	GitHubPoll time.Duration
+	// GitHubPRLabels (comma-separated) and GitHubPRTitle (a regular
+	// expression) say which open PR is the flake update; empty means the
+	// defaults of [github.ParseRule], "-" disables one.
+	GitHubPRLabels, GitHubPRTitle string
+	// GitHubMergeMethod is merge, squash or rebase (default merge).
+	GitHubMergeMethod string
 	// AllowedOrigins are extra browser origins allowed to make changes.
 	AllowedOrigins []string
 	// TrustProxyHeaders: honour X-Forwarded-Proto from a TLS proxy.
@@ -161,6 +177,7 @@ type server struct {
 	grpc     *grpc.Server
 	health   *health.Server
 	target   *target.Poller
+	prs      *github.Poller // nil unless GitHub is configured
 	metrics  *metrics
 	inmem    *bufconn.Listener
 	gwConn   *grpc.ClientConn
@@ -183,6 +200,9 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 		return nil, fmt.Errorf("load commands: %w", err)
 	}
 	s.fleet = &fleetapi.Fleet{Hub: s.hub, Commands: s.cmds, Store: st, Log: cfg.Log, Target: s.target, OnResync: s.metrics.resync, Users: st}
+	if err := s.setupGitHub(); err != nil {
+		return nil, err
+	}
 	s.authn = &auth.Authenticator{Stores: st, Policy: auth.DefaultPolicy(), AllowedOrigins: cfg.AllowedOrigins,
 		SessionIdle: cfg.SessionIdle, SessionMax: cfg.SessionMax, Log: cfg.Log}
 
@@ -216,6 +236,40 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 	}
 	s.handler = s.routes(gw)
 	return s, nil
+}
+
+// setupGitHub creates the PR poller and the Merge & Deploy deployer when a
+// GitHub repository is configured.
+func (s *server) setupGitHub() error {
+	cfg := s.cfg
+	if cfg.GitHubRepo == "" {
+		if cfg.GitHubTokenFile != "" || cfg.GitHubAPIURL != "" {
+			return errors.New("--github-token-file and --github-api-url need --github-repo")
+		}
+		return nil
+	}
+	token, err := github.ReadToken(cfg.GitHubTokenFile)
+	if err != nil {
+		return err
+	}
+	rule, err := github.ParseRule(cfg.GitHubPRLabels, cfg.GitHubPRTitle)
+	if err != nil {
+		return err
+	}
+	s.prs, err = github.New(github.Config{Repo: cfg.GitHubRepo, Token: token, APIURL: cfg.GitHubAPIURL, Base: cfg.Branch, Rule: rule,
+		MergeMethod: cfg.GitHubMergeMethod, Interval: cfg.GitHubPoll, Log: cfg.Log,
+		OnChange: func(pr *fleetv1.PendingPR) { s.hub.SetPendingPR(pr, true) }})
+	if err != nil {
+		return err
+	}
+	s.hub.SetPendingPR(nil, true)
+	d := &github.Deployer{PRs: s.prs, Hub: s.hub, Commands: s.cmds, Log: cfg.Log}
+	if s.target.Configured() {
+		d.Target = s.target
+	}
+	s.fleet.Deployer = d
+	s.log.Info("flake-update PRs from GitHub", "repo", cfg.GitHubRepo, "api", cfg.GitHubAPIURL, "rule", rule.String())
+	return nil
 }
 
 func (s *server) serve(ctx context.Context) error {
@@ -271,6 +325,9 @@ func (s *server) serve(ctx context.Context) error {
 	g.Go(func() error { return s.hub.Run(gctx, cfg.LastSeenFlush) })
 	g.Go(func() error { return s.cmds.Loop(gctx) })
 	g.Go(func() error { s.target.Run(gctx); return nil })
+	if s.prs != nil {
+		g.Go(func() error { s.prs.Run(gctx); return nil })
+	}
 	g.Go(func() error { return s.prune(gctx) })
 	g.Go(func() error {
 		<-gctx.Done()

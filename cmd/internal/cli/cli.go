@@ -18,6 +18,7 @@ import (
 
 	"github.com/nixplane/nixplane/cmd/internal/buildinfo"
 	"github.com/nixplane/nixplane/controlplane"
+	"github.com/nixplane/nixplane/controlplane/github"
 )
 
 // Exit codes.
@@ -194,6 +195,13 @@ func serverFlags(f *flags) (*controlplane.Config, *string, *string) {
 	f.StringVar(&cfg.Branch, "branch", "main", "branch of the fleet repository hosts deploy")
 	f.StringVar(&cfg.VersionURL, "version-url", "", "URL of a version.json giving the target (instead of --fleet-repo)")
 	f.DurationVar(&cfg.TargetPoll, "target-poll", 60*time.Second, "how often the fleet target is refetched")
+	f.StringVar(&cfg.GitHubRepo, "github-repo", "", "GitHub repository (owner/name) whose open flake.lock PR can be merged and deployed")
+	f.StringVar(&cfg.GitHubTokenFile, "github-token-file", "", "file holding the GitHub API token (needed with --github-repo)")
+	f.StringVar(&cfg.GitHubAPIURL, "github-api-url", "", "GitHub REST API URL, e.g. https://github.example.com/api/v3/ for GitHub Enterprise (default api.github.com)")
+	f.DurationVar(&cfg.GitHubPoll, "github-poll", 60*time.Second, "how often GitHub is asked for the pending flake-update PR")
+	f.StringVar(&cfg.GitHubPRLabels, "github-pr-labels", strings.Join(github.DefaultLabels, ","), "comma-separated labels that mark a flake-update PR (\"-\": none)")
+	f.StringVar(&cfg.GitHubPRTitle, "github-pr-title", github.DefaultTitlePattern, "regular expression a flake-update PR's title matches (\"-\": none)")
+	f.StringVar(&cfg.GitHubMergeMethod, "github-merge-method", "merge", "how Merge & Deploy merges the PR: merge, squash or rebase")
 	f.DurationVar(&cfg.LogRetention, "log-retention", 30*24*time.Hour, "how long ended commands and their logs are kept")
 	f.BoolVar(&cfg.TrustProxyHeaders, "trust-proxy-headers", false, "honour X-Forwarded-Proto from a TLS-terminating proxy")
 	origins := f.String("allowed-origins", "", "comma-separated extra browser origins allowed to make changes")
