@@ -172,6 +172,7 @@ func (d *Deployer) plan(req *fleetv1.MergeAndDeployRequest) (*plan, error) {
 			if seen[id] {
 				return nil, status.Errorf(codes.InvalidArgument, "host %q listed twice", id)
 			}
+			seen[id] = true
 			if !h.Online {
 				offline = append(offline, id)
 			}
