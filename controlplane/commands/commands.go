@@ -126,7 +126,10 @@ type run struct {
 	// awaitStatusUntil is the post-validation deadline.
 	awaitStatusUntil time.Time
 	restarting       bool
-	done             chan struct{}
+	// fresh is the agent freshness judged when the agent came back after
+	// this activation; nil until then.
+	fresh *status.Judgement
+	done  chan struct{}
 	// pub serialises update and finish from clone to publish, so the store
 	// and watchers see the states in the order they were decided.
 	pub sync.Mutex
@@ -159,11 +162,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		return nil, err
 	}
 	for _, c := range stale {
-		c = proto.Clone(c).(*fleetv1.Command)
-		c.State = typesv1.CommandState_COMMAND_STATE_FAILED
-		c.Message = "the server restarted while this command ran; its outcome is unknown"
-		c.FinishedAt = timestamppb.New(cfg.Now())
-		if err := cfg.Store.UpdateCommand(ctx, c); err != nil {
+		if err := m.adopt(ctx, c); err != nil {
 			return nil, err
 		}
 	}
@@ -171,6 +170,57 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 }
 
 func (m *Manager) now() time.Time { return m.cfg.Now() }
+
+// msgAwaitReconnect is the message of an activation waiting for the agent
+// that it replaced; a restarted server recognises it by it.
+const msgAwaitReconnect = "waiting for the new agent to reconnect"
+
+// adopt takes over a command a previous server process left active. Its
+// agent kept running it (or finished it, or restarted after a switch), so
+// it gets ReconnectWait to come back and tell, exactly like an agent that
+// went away: the hello then reconciles it, and an activation's agent
+// freshness is judged against the identity stored before the restart.
+// What cannot be reconciled ends as failed.
+func (m *Manager) adopt(ctx context.Context, c *fleetv1.Command) error {
+	c = proto.Clone(c).(*fleetv1.Command)
+	k, known := Kinds[c.Command]
+	_, hostKnown := m.cfg.Hub.Host(c.HostId)
+	m.mu.Lock()
+	busy := m.byHost[c.HostId] != nil
+	m.mu.Unlock()
+	activationCheck := c.State == typesv1.CommandState_COMMAND_STATE_POST_VALIDATION && isActivation(k.Kind)
+	resumable := c.State == typesv1.CommandState_COMMAND_STATE_RUNNING || c.State == typesv1.CommandState_COMMAND_STATE_QUEUED || activationCheck
+	if !known || !hostKnown || busy || !resumable {
+		c.State = typesv1.CommandState_COMMAND_STATE_FAILED
+		c.Message = "the server restarted while this command ran; its outcome is unknown"
+		c.FinishedAt = timestamppb.New(m.now())
+		c.Overdue = false
+		return m.cfg.Store.UpdateCommand(ctx, c)
+	}
+	now := m.now()
+	r := &run{id: c.CommandId, host: c.HostId, cmd: c, kind: k.Kind, timeouts: m.scaled(k.Timeouts), done: make(chan struct{}), lostAt: now}
+	if activationCheck {
+		r.awaitStatusUntil = now.Add(m.cfg.ReconnectWait)
+		r.restarting = c.Message == msgAwaitReconnect
+	}
+	m.mu.Lock()
+	m.active[r.id] = r
+	m.byHost[r.host] = r
+	m.mu.Unlock()
+	m.cfg.Hub.CommandChanged(c)
+	m.log.Info("resumed a command from before the restart; waiting for its agent", "command_id", c.CommandId, "host", c.HostId, "command", c.Command, "state", c.State.String())
+	return nil
+}
+
+// isActivation reports whether a command kind activates a configuration
+// (and so may replace the agent itself).
+func isActivation(k typesv1.CommandKind) bool {
+	switch k {
+	case typesv1.CommandKind_COMMAND_KIND_SWITCH, typesv1.CommandKind_COMMAND_KIND_PULL_SWITCH, typesv1.CommandKind_COMMAND_KIND_ROLLBACK:
+		return true
+	}
+	return false
+}
 
 func newID() string {
 	var b [8]byte
@@ -481,7 +531,7 @@ func (m *Manager) applyResult(ctx context.Context, r *run, res *agentv1.CommandR
 			c.ExitCode = res.ExitCode
 			c.Message = "checking the running system"
 			if res.AgentRestarting {
-				c.Message = "waiting for the new agent to reconnect"
+				c.Message = msgAwaitReconnect
 			}
 		})
 		// The status report the agent sends after the result completes it
@@ -537,7 +587,10 @@ func (m *Manager) checkGoal(r *run, res *agentv1.CommandResult) (typesv1.Command
 }
 
 // HandleStatus records an agent's status report in the host's record and
-// completes a switch waiting in post-validation.
+// completes an activation waiting in post-validation: the running system
+// decides succeeded or partial, and the agent's freshness is told — a stale
+// agent (the old binary still runs although another version is expected)
+// makes the command partial.
 func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.StatusReport) {
 	_, err := m.cfg.Hub.UpdateRecord(hostID, func(h *fleetv1.Host) { ApplyStatus(h, st) })
 	if err != nil {
@@ -545,8 +598,22 @@ func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.S
 	}
 	m.persistHost(ctx, hostID)
 	r := m.activeOn(hostID)
-	if r == nil || m.current(r).State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
+	// A pull re-checking the target is also in post-validation; only an
+	// activation is completed by a status report.
+	if r == nil || !isActivation(r.kind) || m.current(r).State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
 		return
+	}
+	m.mu.Lock()
+	fresh, restarting := r.fresh, r.restarting
+	m.mu.Unlock()
+	if fresh == nil {
+		// The agent was not replaced (it never went away): judge the
+		// unchanged identity against what this activation should have
+		// brought.
+		j, ok := m.judgeFreshness(ctx, hostID, nil, true)
+		if ok {
+			fresh = &j
+		}
 	}
 	m.finish(ctx, r, func(c *fleetv1.Command) {
 		sys := st.GetSystem()
@@ -558,10 +625,60 @@ func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.S
 		default:
 			c.State, c.Message = typesv1.CommandState_COMMAND_STATE_SUCCEEDED, "switch exited 0; running system not verifiable: "+sys.GetMessage()
 		}
-		if r.restarting {
+		if restarting {
 			c.Message += " (agent restarted)"
 		}
+		if fresh == nil {
+			return
+		}
+		switch fresh.Freshness {
+		case typesv1.AgentFreshness_AGENT_FRESHNESS_STALE:
+			c.State = typesv1.CommandState_COMMAND_STATE_PARTIAL
+			c.Message += "; stale agent: " + fresh.Message
+		case typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS:
+			c.Message += "; suspicious agent: " + fresh.Message
+		case typesv1.AgentFreshness_AGENT_FRESHNESS_FRESH:
+			if restarting {
+				c.Message += "; " + fresh.Message
+			}
+		case typesv1.AgentFreshness_AGENT_FRESHNESS_UNKNOWN:
+			if restarting {
+				c.Message += "; agent freshness unknown: " + fresh.Message
+			}
+		}
 	})
+}
+
+// judgeFreshness decides the agent's freshness and records it with the
+// identity in the host's durable record. hello is the agent's new hello, or
+// nil when the agent did not reconnect (its identity is unchanged);
+// afterActivation says a switch, pull-switch or rollback ran since the
+// recorded identity. The previous identity is the stored record's, so the
+// verdict survives a server restart between the switch and the reconnect.
+func (m *Manager) judgeFreshness(ctx context.Context, hostID string, hello *agentv1.Hello, afterActivation bool) (status.Judgement, bool) {
+	var j status.Judgement
+	var before typesv1.AgentFreshness
+	_, err := m.cfg.Hub.UpdateRecord(hostID, func(h *fleetv1.Host) {
+		prev := status.IdentityOf(h)
+		cur, version := prev, h.AgentVersion
+		if hello != nil {
+			cur = status.Identity{SourceCommit: hello.SourceCommit, BinaryHash: hello.BinaryHash, StorePath: hello.StorePath}
+			version = hello.AgentVersion
+		}
+		before = h.AgentFreshness
+		j = status.JudgeFreshness(status.FreshnessInputs{Prev: prev, Cur: cur, PrevFreshness: h.AgentFreshness,
+			AfterActivation: afterActivation, AgentVersion: version, ServerVersion: m.cfg.Hub.ServerVersion()})
+		cur.Set(h)
+		h.AgentFreshness = j.Freshness
+	})
+	if err != nil {
+		return j, false
+	}
+	m.persistHost(ctx, hostID)
+	if afterActivation || j.Freshness != before {
+		m.log.Info("agent freshness", "host", hostID, "freshness", j.Freshness.String(), "after_activation", afterActivation, "reason", j.Message)
+	}
+	return j, true
 }
 
 // ApplyStatus copies a status report into a host record.
@@ -601,12 +718,36 @@ func Durable(h *fleetv1.Host) *fleetv1.Host {
 
 // HandleHello reconciles a reconnecting agent with the command it was
 // running: a command it no longer runs is closed with its last result, or as
-// failed, never left stuck.
+// failed, never left stuck. It records the agent's binary identity and
+// judges its freshness: after an activation that was waiting for the agent,
+// against the identity recorded before it. An activation still waiting in
+// post-validation asks the new agent for the status report that completes
+// it.
 func (m *Manager) HandleHello(ctx context.Context, hostID string, hello *agentv1.Hello) {
 	r := m.activeOn(hostID)
-	if r == nil {
+	if r != nil {
+		m.reconcile(ctx, r, hello)
+	}
+	awaiting := r != nil && isActivation(r.kind) && hello.RunningCommandId != r.id && m.get(r.id) == r &&
+		m.current(r).State == typesv1.CommandState_COMMAND_STATE_POST_VALIDATION
+	j, ok := m.judgeFreshness(ctx, hostID, hello, awaiting)
+	if !awaiting {
 		return
 	}
+	if ok {
+		m.mu.Lock()
+		r.fresh = &j
+		m.mu.Unlock()
+	}
+	if conn := m.cfg.Hub.Conn(hostID); conn != nil {
+		if err := conn.Send(&agentv1.ConnectResponse{Msg: &agentv1.ConnectResponse_Refresh{Refresh: &agentv1.RefreshStatus{}}}); err != nil {
+			m.log.Warn("ask the reconnected agent for its status", "host", hostID, "err", err)
+		}
+	}
+}
+
+// reconcile settles r with what a reconnecting agent's hello says.
+func (m *Manager) reconcile(ctx context.Context, r *run, hello *agentv1.Hello) {
 	m.mu.Lock()
 	r.lostAt = time.Time{}
 	m.mu.Unlock()

@@ -841,18 +841,270 @@ func TestRejectedByAgent(t *testing.T) {
 	}
 }
 
-func TestCommandsLeftByAPreviousServerFail(t *testing.T) {
+func TestCommandsLeftByAPreviousServer(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		cmd     *fleetv1.Command
+		returns func(e *env, id string) // nil: the agent never comes back
+		want    typesv1.CommandState
+		msg     string
+	}{
+		{"running, the agent never returns", &fleetv1.Command{Command: "switch", State: typesv1.CommandState_COMMAND_STATE_RUNNING}, nil,
+			typesv1.CommandState_COMMAND_STATE_FAILED, "did not come back"},
+		{"running, the agent returns without it", &fleetv1.Command{Command: "test", State: typesv1.CommandState_COMMAND_STATE_RUNNING},
+			func(e *env, id string) { e.connect("web-1", nil) }, typesv1.CommandState_COMMAND_STATE_FAILED, "reconnected without this command"},
+		{"running, the agent returns with its result", &fleetv1.Command{Command: "test", State: typesv1.CommandState_COMMAND_STATE_RUNNING},
+			func(e *env, id string) {
+				h := e.hello("web-1")
+				h.LastResult = &agentv1.CommandResult{CommandId: id, Outcome: agentv1.Outcome_OUTCOME_FAILED, ExitCode: 3, Message: "1 of 1 tests failed"}
+				e.connect("web-1", h)
+			}, typesv1.CommandState_COMMAND_STATE_FAILED, "1 of 1 tests failed"},
+		{"running, the agent still runs it", &fleetv1.Command{Command: "test", State: typesv1.CommandState_COMMAND_STATE_RUNNING},
+			func(e *env, id string) {
+				h := e.hello("web-1")
+				h.RunningCommandId = id
+				e.connect("web-1", h)
+				e.clock.Advance(2 * time.Minute) // past ReconnectWait: it came back, so no failure
+				e.m.Tick(e.ctx)
+				if s := e.state(id).State; s != typesv1.CommandState_COMMAND_STATE_RUNNING {
+					e.t.Fatalf("resumed command = %v, want RUNNING", s)
+				}
+				e.m.HandleResult(e.ctx, "web-1", &agentv1.CommandResult{CommandId: id, Outcome: agentv1.Outcome_OUTCOME_SUCCEEDED})
+			}, typesv1.CommandState_COMMAND_STATE_SUCCEEDED, ""},
+		{"pull checking the target", &fleetv1.Command{Command: "pull", State: typesv1.CommandState_COMMAND_STATE_POST_VALIDATION}, func(*env, string) {},
+			typesv1.CommandState_COMMAND_STATE_FAILED, "server restarted"},
+		{"unknown command", &fleetv1.Command{Command: "frobnicate", State: typesv1.CommandState_COMMAND_STATE_RUNNING}, func(*env, string) {},
+			typesv1.CommandState_COMMAND_STATE_FAILED, "server restarted"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := &hookStore{SQLite: openStore(t)}
+			createHosts(t, st, "web-1")
+			ctx := context.Background()
+			c := proto.Clone(tc.cmd).(*fleetv1.Command)
+			c.CommandId, c.HostId, c.CreatedAt, c.StartedAt = "cmd-old", "web-1", timestamppb.Now(), timestamppb.Now()
+			if err := st.CreateCommand(ctx, c); err != nil {
+				t.Fatal(err)
+			}
+			e := newEnvOn(t, st)
+			if tc.returns == nil {
+				if r := e.hub.Running("web-1"); r.GetCommandId() != "cmd-old" {
+					t.Fatalf("the resumed command is not shown running: %v", r)
+				}
+				e.clock.Advance(89 * time.Second)
+				e.m.Tick(e.ctx)
+				if s := e.state("cmd-old").State; s != tc.cmd.State {
+					t.Fatalf("before ReconnectWait: %v", s)
+				}
+				e.clock.Advance(2 * time.Second)
+				e.m.Tick(e.ctx)
+			} else {
+				tc.returns(e, "cmd-old")
+			}
+			got := e.ended("cmd-old", tc.want)
+			if !strings.Contains(got.Message, tc.msg) {
+				t.Fatalf("message %q does not contain %q", got.Message, tc.msg)
+			}
+		})
+	}
+}
+
+// Agent identities for the freshness tests.
+var (
+	oldAgent = identity{"1111111aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", strings.Repeat("a", 64), "/nix/store/aaaa-nixplane-agent/bin/nixplane-agent"}
+	newAgent = identity{"2222222bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", strings.Repeat("b", 64), "/nix/store/bbbb-nixplane-agent/bin/nixplane-agent"}
+)
+
+type identity struct{ commit, hash, path string }
+
+func (e *env) helloAs(id string, version string, ident identity) *agentv1.Hello {
+	h := e.hello(id)
+	h.AgentVersion, h.SourceCommit, h.BinaryHash, h.StorePath = version, ident.commit, ident.hash, ident.path
+	return h
+}
+
+func (e *env) freshness(id string) (typesv1.AgentFreshness, string) {
+	e.t.Helper()
+	h, ok := e.hub.Host(id)
+	if !ok {
+		e.t.Fatalf("no host %s", id)
+	}
+	stored, err := e.st.GetHost(e.ctx, id)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if stored.Record.AgentFreshness != h.AgentFreshness || stored.Record.AgentBinaryHash != h.AgentBinaryHash ||
+		stored.Record.AgentStorePath != h.AgentStorePath || stored.Record.AgentSourceCommit != h.AgentSourceCommit {
+		e.t.Fatalf("stored freshness/identity %v %s differs from the live %v %s", stored.Record.AgentFreshness, stored.Record.AgentBinaryHash, h.AgentFreshness, h.AgentBinaryHash)
+	}
+	return h.AgentFreshness, h.AgentBinaryHash
+}
+
+// TestFreshnessAfterSwitch: a switch that restarts the agent is judged by
+// the identity the new agent reports against the one stored before, also
+// when the server restarted in between.
+func TestFreshnessAfterSwitch(t *testing.T) {
+	const (
+		fresh      = typesv1.AgentFreshness_AGENT_FRESHNESS_FRESH
+		suspicious = typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS
+		stale      = typesv1.AgentFreshness_AGENT_FRESHNESS_STALE
+		unknownF   = typesv1.AgentFreshness_AGENT_FRESHNESS_UNKNOWN
+		succeeded  = typesv1.CommandState_COMMAND_STATE_SUCCEEDED
+		partial    = typesv1.CommandState_COMMAND_STATE_PARTIAL
+	)
+	for _, tc := range []struct {
+		name        string
+		before      string // agent version before the switch
+		after       identity
+		afterV      string
+		wantFresh   typesv1.AgentFreshness
+		wantState   typesv1.CommandState
+		wantMessage string
+		agentStatus typesv1.CompartmentStatus
+	}{
+		{"new binary", "0.9.0", newAgent, "1.0.0", fresh, succeeded, "a new agent binary runs (binary aaaaaaa → bbbbbbb)", okStatus},
+		{"only the commit changed", "0.9.0", identity{newAgent.commit, oldAgent.hash, oldAgent.path}, "0.9.0", suspicious, succeeded, "suspicious agent: the agent reports source commit 2222222 instead of 1111111", outdatedStatus},
+		{"old binary still runs", "0.9.0", oldAgent, "0.9.0", stale, partial, "stale agent: the agent binary did not change although the server expects agent 1.0.0", errorStatus},
+		{"unchanged but already expected", "1.0.0", oldAgent, "1.0.0", fresh, succeeded, "already the version the server expects", okStatus},
+		{"new agent reports no identity", "0.9.0", identity{}, "1.0.0", unknownF, succeeded, "agent freshness unknown", okStatus},
+	} {
+		for _, restart := range []bool{false, true} {
+			name := tc.name
+			if restart {
+				name += ", server restarted in between"
+			}
+			t.Run(name, func(t *testing.T) {
+				e := newEnv(t, "web-1")
+				a := e.connect("web-1", e.helloAs("web-1", tc.before, oldAgent))
+				if f, hash := e.freshness("web-1"); f != unknownF || hash != oldAgent.hash {
+					t.Fatalf("after the first hello: %v %s, want UNKNOWN with the identity recorded", f, hash)
+				}
+				c, err := e.m.Run(e.ctx, "user:admin", "web-1", "switch", false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				a.expectRun(t)
+				e.m.HandleResult(e.ctx, "web-1", &agentv1.CommandResult{CommandId: c.CommandId, Outcome: agentv1.Outcome_OUTCOME_SUCCEEDED, AgentRestarting: true})
+				e.disconnect(a)
+				if restart {
+					e = newEnvOn(t, e.st)
+				}
+				if s := e.state(c.CommandId); s.State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION || s.Message != msgAwaitReconnect {
+					t.Fatalf("while the agent restarts: %v %q", s.State, s.Message)
+				}
+				a2 := e.connect("web-1", e.helloAs("web-1", tc.afterV, tc.after))
+				if m := a2.next(t); m.GetRefresh() == nil {
+					t.Fatalf("the reconnected agent got %v, want a RefreshStatus for the pending switch", m)
+				}
+				if f, _ := e.freshness("web-1"); f != tc.wantFresh {
+					t.Fatalf("freshness after the reconnect = %v, want %v", f, tc.wantFresh)
+				}
+				e.m.HandleStatus(e.ctx, "web-1", &agentv1.StatusReport{Generation: hostGen, LockHash: hostLock,
+					System: &typesv1.SystemCheck{Status: typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK, Message: "current"}})
+				got := e.ended(c.CommandId, tc.wantState)
+				if !strings.Contains(got.Message, tc.wantMessage) || !strings.Contains(got.Message, "agent restarted") {
+					t.Fatalf("message %q does not contain %q and the restart", got.Message, tc.wantMessage)
+				}
+				h, _ := e.hub.Host("web-1")
+				if h.UpdateStatus.Agent.Status != tc.agentStatus {
+					t.Fatalf("agent compartment = %v %q, want %v", h.UpdateStatus.Agent.Status, h.UpdateStatus.Agent.Message, tc.agentStatus)
+				}
+				// A later plain reconnect with the same binary keeps the verdict.
+				e.disconnect(a2)
+				e.connect("web-1", e.helloAs("web-1", tc.afterV, tc.after))
+				if f, _ := e.freshness("web-1"); f != tc.wantFresh {
+					t.Fatalf("freshness after a plain reconnect = %v, want it kept at %v", f, tc.wantFresh)
+				}
+			})
+		}
+	}
+}
+
+const (
+	okStatus       = typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK
+	outdatedStatus = typesv1.CompartmentStatus_COMPARTMENT_STATUS_OUTDATED
+	errorStatus    = typesv1.CompartmentStatus_COMPARTMENT_STATUS_ERROR
+)
+
+// TestFreshnessOfSwitchWithoutRestart: an agent that was not replaced by a
+// switch is stale when another version was expected, current otherwise.
+func TestFreshnessOfSwitchWithoutRestart(t *testing.T) {
+	for _, tc := range []struct {
+		version string
+		want    typesv1.CommandState
+		fresh   typesv1.AgentFreshness
+	}{
+		{"0.9.0", typesv1.CommandState_COMMAND_STATE_PARTIAL, typesv1.AgentFreshness_AGENT_FRESHNESS_STALE},
+		{"1.0.0", typesv1.CommandState_COMMAND_STATE_SUCCEEDED, typesv1.AgentFreshness_AGENT_FRESHNESS_FRESH},
+	} {
+		t.Run(tc.version, func(t *testing.T) {
+			e := newEnv(t, "web-1")
+			a := e.connect("web-1", e.helloAs("web-1", tc.version, oldAgent))
+			c, _ := e.m.Run(e.ctx, "user:admin", "web-1", "pull-switch", false)
+			a.expectRun(t)
+			e.m.HandleResult(e.ctx, "web-1", &agentv1.CommandResult{CommandId: c.CommandId, Outcome: agentv1.Outcome_OUTCOME_SUCCEEDED})
+			e.m.HandleStatus(e.ctx, "web-1", &agentv1.StatusReport{System: &typesv1.SystemCheck{Status: typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK}})
+			got := e.ended(c.CommandId, tc.want)
+			if stale := strings.Contains(got.Message, "nix-collect-garbage -d"); stale != (tc.fresh == typesv1.AgentFreshness_AGENT_FRESHNESS_STALE) {
+				t.Fatalf("message %q", got.Message)
+			}
+			if f, _ := e.freshness("web-1"); f != tc.fresh {
+				t.Fatalf("freshness %v, want %v", f, tc.fresh)
+			}
+			a.expectNothing(t) // no refresh: the agent reports on its own
+		})
+	}
+}
+
+// blockingTarget is a target refresher that holds every refetch until
+// released.
+type blockingTarget struct{ release chan struct{} }
+
+func (b *blockingTarget) Refetch(ctx context.Context) {
+	select {
+	case <-b.release:
+	case <-ctx.Done():
+	}
+}
+
+// TestStatusReportDoesNotEndAPullCheckingTheTarget: the status report an
+// agent sends after a pull must not complete the pull as if it were a switch.
+func TestStatusReportDoesNotEndAPullCheckingTheTarget(t *testing.T) {
 	st := &hookStore{SQLite: openStore(t)}
 	createHosts(t, st, "web-1")
-	ctx := context.Background()
-	old := &fleetv1.Command{CommandId: "cmd-old", HostId: "web-1", Command: "switch", State: typesv1.CommandState_COMMAND_STATE_RUNNING, CreatedAt: timestamppb.Now()}
-	if err := st.CreateCommand(ctx, old); err != nil {
+	e := newEnvOn(t, st)
+	bt := &blockingTarget{release: make(chan struct{})}
+	m, err := New(e.ctx, Config{Hub: e.hub, Store: st, Now: e.clock.Now, Log: quietLog, Target: bt})
+	if err != nil {
 		t.Fatal(err)
 	}
-	e := newEnvOn(t, st)
-	got, err := e.m.Get(ctx, "cmd-old")
-	if err != nil || got.State != typesv1.CommandState_COMMAND_STATE_FAILED || got.FinishedAt == nil {
-		t.Fatalf("command from before the restart = %v, %v", got, err)
+	e.m = m
+	e.setTarget(hostGen, hostLock)
+	a := e.connect("web-1", nil)
+	c, err := e.m.Run(e.ctx, "user:admin", "web-1", "pull", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.expectRun(t)
+	e.m.HandleResult(e.ctx, "web-1", &agentv1.CommandResult{CommandId: c.CommandId, Outcome: agentv1.Outcome_OUTCOME_SUCCEEDED, Generation: targetGen})
+	if s := e.state(c.CommandId).State; s != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
+		t.Fatalf("pull while the target is refetched: %v", s)
+	}
+	e.m.HandleStatus(e.ctx, "web-1", &agentv1.StatusReport{Generation: targetGen, System: &typesv1.SystemCheck{Status: typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK}})
+	if s := e.state(c.CommandId); s.State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
+		t.Fatalf("the status report ended the pull: %v %q", s.State, s.Message)
+	}
+	close(bt.release)
+	done := e.m.Done(c.CommandId)
+	if done != nil {
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("pull did not end after the refetch")
+		}
+	}
+	got := e.ended(c.CommandId, typesv1.CommandState_COMMAND_STATE_PARTIAL)
+	if !strings.Contains(got.Message, "pulled bbbbbbb, but the fleet target is aaaaaaa") {
+		t.Fatalf("pull message %q", got.Message)
 	}
 }
 

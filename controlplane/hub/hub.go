@@ -262,6 +262,8 @@ func (h *Hub) Connect(hostID string, hello *agentv1.Hello, sender Sender, cancel
 }
 
 // applyHello copies what the hello says into rec; prev is the record before.
+// The agent's binary identity is left alone: the command manager records it
+// after comparing it with the identity recorded before (agent freshness).
 func applyHello(rec *fleetv1.Host, hl *agentv1.Hello, prev *fleetv1.Host) {
 	rec.HostType = hl.HostType
 	rec.AgentVersion = hl.AgentVersion
@@ -489,6 +491,9 @@ func sameStatus(a, b *typesv1.UpdateStatus) bool {
 	return eq(a.GetAgent(), b.GetAgent()) && eq(a.GetGit(), b.GetGit()) && eq(a.GetLock(), b.GetLock()) &&
 		eq(a.GetSystem(), b.GetSystem()) && eq(a.GetTests(), b.GetTests())
 }
+
+// ServerVersion is the agent version the server expects.
+func (h *Hub) ServerVersion() string { return h.cfg.ServerVersion }
 
 // Target returns the fleet target, or nil.
 func (h *Hub) Target() *fleetv1.FleetTarget {
