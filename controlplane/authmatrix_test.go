@@ -56,6 +56,12 @@ type secEnv struct {
 // 127.0.0.1:0. seedUser may change alice before the server starts (e.g.
 // give her TOTP).
 func startSecEnv(t *testing.T, seedUser func(st *store.SQLite)) *secEnv {
+	return startSecEnvWith(t, seedUser, nil)
+}
+
+// startSecEnvWith is startSecEnv with a change to the server's Config (nil:
+// none); a config with TLS gets a plain HTTP origin all the same.
+func startSecEnvWith(t *testing.T, seedUser func(st *store.SQLite), tune func(*controlplane.Config)) *secEnv {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	dir := t.TempDir()
@@ -110,10 +116,12 @@ func startSecEnv(t *testing.T, seedUser func(st *store.SQLite)) *secEnv {
 
 	ready := make(chan string, 1)
 	done := make(chan error, 1)
-	go func() {
-		done <- controlplane.Run(ctx, controlplane.Config{Listen: "127.0.0.1:0", DataDir: dir, Version: "1.0.0",
-			Out: io.Discard, Log: slog.New(slog.DiscardHandler), MaxMessageBytes: 64 << 10, Ready: func(a string) { ready <- a }})
-	}()
+	cfg := controlplane.Config{Listen: "127.0.0.1:0", DataDir: dir, Version: "1.0.0",
+		Out: io.Discard, Log: slog.New(slog.DiscardHandler), MaxMessageBytes: 64 << 10, Ready: func(a string) { ready <- a }}
+	if tune != nil {
+		tune(&cfg)
+	}
+	go func() { done <- controlplane.Run(ctx, cfg) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -390,6 +398,62 @@ func TestAuthMatrix(t *testing.T) {
 		}
 	}
 	t.Logf("%d cells", cells)
+	e.checkAudited(t)
+}
+
+// checkAudited: every mutating RPC the matrix let through is in the audit
+// log with its actor and the result the handler gave.
+func (e *secEnv) checkAudited(t *testing.T) {
+	t.Helper()
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+e.api["admin"])
+	evs, err := adminv1.NewAdminServiceClient(e.conn).ListAuditEvents(ctx, &adminv1.ListAuditEventsRequest{Limit: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type key struct{ actor, action, result string }
+	seen := map[key]int{}
+	for _, ev := range evs.Events {
+		seen[key{ev.Actor, ev.Action, ev.Result}]++
+	}
+	for name, row := range matrixCases {
+		if !row.access.mutating() {
+			continue
+		}
+		result := "ok"
+		if row.ok != codes.OK {
+			result = row.ok.String()
+		}
+		action := name[strings.LastIndexByte(name, '/')+1:]
+		actors := []string{"user:alice"}
+		if row.access != sessionOnly {
+			actors = append(actors, "token:admin")
+		}
+		for _, actor := range actors {
+			// One authorized call per transport.
+			want := 2
+			if proto.GetExtension(methodByName(t, name).Options(), annotations.E_Http).(*annotations.HttpRule) != nil {
+				want = 3
+			}
+			if n := seen[key{actor, action, result}]; n != want {
+				t.Errorf("audit log has %d records of %s by %s with result %s, want %d", n, action, actor, result, want)
+			}
+		}
+	}
+	for k := range seen {
+		if k.actor != "user:alice" && !strings.HasPrefix(k.actor, "token:") {
+			t.Errorf("audit record by %q: refused callers must not reach the handlers", k.actor)
+		}
+	}
+}
+
+func methodByName(t *testing.T, full string) protoreflect.MethodDescriptor {
+	for _, m := range servedMethods() {
+		if fullName(m) == full {
+			return m
+		}
+	}
+	t.Fatalf("no method %s", full)
+	return nil
 }
 
 // callGRPC makes the call on the native gRPC connection and returns the

@@ -132,6 +132,7 @@ func (s *server) routes(gw http.Handler) http.Handler {
 			r.Header.Set("X-Nixplane-Transport", "grpc")
 			s.grpc.ServeHTTP(w, r)
 		default:
+			securityHeaders(w.Header(), r.Header.Get("X-Nixplane-Secure") == "1")
 			if strings.HasPrefix(r.URL.Path, "/api/") {
 				r.Header.Set("X-Nixplane-Transport", "rest")
 				if r.ContentLength > MaxRESTBody {
@@ -141,13 +142,14 @@ func (s *server) routes(gw http.Handler) http.Handler {
 					return
 				}
 			}
-			securityHeaders(w.Header(), r.TLS != nil)
 			mux.ServeHTTP(w, r)
 		}
 	})
 }
 
-// securityHeaders are sent with every page and REST response.
+// securityHeaders are sent with every page and REST response; HSTS only
+// when the request came over TLS (directly or through a trusted proxy), as
+// browsers ignore it on plain HTTP.
 func securityHeaders(h http.Header, tls bool) {
 	h.Set("Content-Security-Policy", "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 	h.Set("X-Frame-Options", "DENY")

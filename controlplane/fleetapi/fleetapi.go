@@ -60,11 +60,46 @@ type Fleet struct {
 	RefreshWait time.Duration
 	// Resyncs counts watchers that fell behind; may be nil.
 	OnResync func()
-	Log      *slog.Logger
+	// MaxStreamsPerCaller bounds the WatchFleet and FollowCommandLog streams
+	// one caller (user or API token) holds open at once, so a runaway
+	// script cannot pin the server's memory and goroutines (default 32; a
+	// page needs one).
+	MaxStreamsPerCaller int
+	Log                 *slog.Logger
 
 	mu      sync.Mutex
 	waiting map[string][]chan *agentv1.StatusReport // request id → waiters
 	seq     uint64
+	streams map[string]int // open streams by actor
+}
+
+// DefaultMaxStreamsPerCaller is MaxStreamsPerCaller's default.
+const DefaultMaxStreamsPerCaller = 32
+
+// openStream counts a long-lived stream against its caller; ResourceExhausted
+// when the caller holds the maximum already. The returned func releases it.
+func (f *Fleet) openStream(ctx context.Context) (func(), error) {
+	actor := auth.FromContext(ctx).Actor()
+	limit := f.MaxStreamsPerCaller
+	if limit <= 0 {
+		limit = DefaultMaxStreamsPerCaller
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.streams[actor] >= limit {
+		return nil, status.Errorf(codes.ResourceExhausted, "%d streams open for this caller already; close one first", limit)
+	}
+	if f.streams == nil {
+		f.streams = map[string]int{}
+	}
+	f.streams[actor]++
+	return func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if f.streams[actor]--; f.streams[actor] <= 0 {
+			delete(f.streams, actor)
+		}
+	}, nil
 }
 
 func (f *Fleet) logger() *slog.Logger {
@@ -130,6 +165,11 @@ func (f *Fleet) GetHost(ctx context.Context, req *fleetv1.GetHostRequest) (*flee
 // events; a watcher that fell behind gets a resync snapshot.
 func (f *Fleet) WatchFleet(req *fleetv1.WatchFleetRequest, stream fleetv1.FleetService_WatchFleetServer) error {
 	ctx := stream.Context()
+	release, err := f.openStream(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
 	w, snap := f.Hub.Subscribe(hub.WatchOptions{SkipHeartbeats: req.SkipHeartbeats, SkipOutput: req.SkipOutput})
 	defer f.Hub.Unsubscribe(w)
 	if err := stream.Send(&fleetv1.WatchFleetResponse{Events: []*fleetv1.FleetEvent{{Kind: &fleetv1.FleetEvent_Snapshot{Snapshot: snap}}}}); err != nil {
@@ -310,6 +350,11 @@ func (f *Fleet) GetCommandLog(ctx context.Context, req *fleetv1.GetCommandLogReq
 
 // FollowCommandLog implements FleetService.
 func (f *Fleet) FollowCommandLog(req *fleetv1.FollowCommandLogRequest, stream fleetv1.FleetService_FollowCommandLogServer) error {
+	release, err := f.openStream(stream.Context())
+	if err != nil {
+		return err
+	}
+	defer release()
 	c, err := f.Commands.Follow(stream.Context(), req.CommandId, req.AfterSeq, func(lines []*typesv1.OutputLine) error {
 		return stream.Send(&fleetv1.FollowCommandLogResponse{Lines: lines})
 	})
