@@ -630,37 +630,21 @@ func waitIdle(t *testing.T, s *Server) {
 	})
 }
 
-var (
-	grpcurlOnce sync.Once
-	grpcurlDir  string
-	grpcurlErr  error
-)
-
 // grpcurlPath returns a directory holding grpcurl: the one on PATH, or one
-// built with go install into a temporary GOBIN.
-func grpcurlPath() (string, error) {
-	grpcurlOnce.Do(func() {
-		if p, err := exec.LookPath("grpcurl"); err == nil {
-			grpcurlDir = filepath.Dir(p)
-			return
-		}
-		dir, err := os.MkdirTemp("", "nixplane-grpcurl-")
-		if err != nil {
-			grpcurlErr = err
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "go", "install", "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4")
-		cmd.Dir = dir
-		cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0", "GOFLAGS=")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			grpcurlErr = fmt.Errorf("go install grpcurl: %v\n%s", err, out)
-			return
-		}
-		grpcurlDir = dir
-	})
-	return grpcurlDir, grpcurlErr
+// built with go install into dir (through the Go module proxy).
+func grpcurlPath(dir string) (string, error) {
+	if p, err := exec.LookPath("grpcurl"); err == nil {
+		return filepath.Dir(p), nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "go", "install", "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0", "GOFLAGS=")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go install grpcurl: %v\n%s", err, out)
+	}
+	return dir, nil
 }
 
 // docRecipes reads a document and pairs each recipe with its check.
@@ -705,7 +689,7 @@ func docTools(t *testing.T, needGRPCurl bool) (path string, haveGRPCurl bool) {
 	if !needGRPCurl {
 		return path, false
 	}
-	dir, err := grpcurlPath()
+	dir, err := grpcurlPath(t.TempDir())
 	if err != nil {
 		if os.Getenv("NIXPLANE_REQUIRE_GRPCURL") == "1" {
 			t.Fatalf("grpcurl is required (NIXPLANE_REQUIRE_GRPCURL=1): %v", err)
@@ -738,6 +722,7 @@ func TestDocsAPIRecipes(t *testing.T) {
 	s.StartAgent(f, "web-1", AgentOptions{})
 	s.WaitOnline("web-1")
 	d := newDocSession(t, s, s.AdminToken, path, docSubstitutions(s, t.TempDir()))
+	ran := 0
 	for _, r := range rs {
 		if strings.Contains(r.text, "grpcurl ") && !haveGRPCurl {
 			t.Logf("%s:%d: skipped: grpcurl is not available", r.doc, r.line)
@@ -748,7 +733,9 @@ func TestDocsAPIRecipes(t *testing.T) {
 		if t.Failed() {
 			return // later recipes build on this one
 		}
+		ran++
 	}
+	t.Logf("%d of %d recipes of docs/api.md ran and passed", ran, len(rs))
 }
 
 // TestExtractRecipes: the extractor finds marked blocks and table rows,
