@@ -6,6 +6,7 @@ import { create, fromJson } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { FleetService, SnapshotSchema, type Snapshot } from "./gen/nixplane/fleet/v1/fleet_pb";
+import { CommandTracker } from "./commands";
 import { blockReason, describeBlock, errorText } from "./errors";
 import { applyEvent, type BulkInfo } from "./events";
 import { LogPanel } from "./logview";
@@ -16,6 +17,7 @@ import {
   formatDuration,
   hostPatchFromProto,
   isBusy,
+  isTerminal,
   lineFromProto,
   prFromProto,
   shortHash,
@@ -87,8 +89,9 @@ const logs = new LogPanel(
     return !h ? "gone" : isBusy(h) ? "busy" : h.online ? "online" : "offline";
   },
 );
-/** Commands and bulk runs started from this page: their end gets a toast. */
-const ownCommands = new Set<string>();
+/** Recent commands' latest states; commands started from this page get a toast at their end. */
+const commands = new CommandTracker();
+/** Bulk runs started from this page: their end gets a toast. */
 const ownBulks = new Set<string>();
 
 // ─── rendering ───────────────────────────────────────────────────────────
@@ -324,26 +327,51 @@ function stopWatch(): void {
 
 // ─── events that are not host state: logs, commands, bulk runs ───────────
 
+/**
+ * noteCommand takes a command's state from any source (stream event, RPC
+ * answer, stored log) in whatever order they arrive: the tracker keeps the
+ * most advanced state, the host's log tab shows it, and the end of a command
+ * this page started is reported once.
+ */
+function noteCommand(cmd: CommandInfo): CommandInfo {
+  const c = commands.seen(cmd);
+  if (isTerminal(c.state) && commands.ended(c)) {
+    const name = hostStore.get(c.hostId)?.hostname ?? c.hostId;
+    showToast(`${c.command} on ${name}: ${c.state}${c.message ? ` — ${c.message}` : ""}`, c.state === "succeeded" ? "ok" : "error");
+  }
+  const tab = logs.book.tabs.get(c.hostId);
+  if (tab && tab.setState(c.id, c.state, c.command)) logs.sectionChanged(c.hostId, c.id);
+  return c;
+}
+
+/** settleOwnCommands asks for the state of own commands whose end the stream may have missed. */
+async function settleOwnCommands(active: Set<string>): Promise<void> {
+  for (const id of commands.pending()) {
+    if (active.has(id)) continue;
+    try {
+      const res = await client.getCommand({ commandId: id });
+      if (res.command) noteCommand(commandFromProto(res.command));
+    } catch (err) {
+      console.warn("command state unavailable", id, err);
+    }
+  }
+}
+
 const sink = {
-  snapshot(resync: boolean): void {
-    // After a reconnect or resync, lines may have been missed: reload open tabs.
+  snapshot(resync: boolean, active: CommandInfo[]): void {
+    for (const c of active) noteCommand(c);
+    // After a reconnect or resync, lines and ends may have been missed:
+    // reload open tabs and ask for own commands that are no longer active.
     if (resync || streams > 1) {
       for (const id of logs.book.tabs.keys()) void loadHistory(id);
+      void settleOwnCommands(new Set(active.map((c) => c.id)));
     }
   },
   commandQueued(cmd: CommandInfo): void {
-    const tab = logs.book.tabs.get(cmd.hostId);
-    if (tab) {
-      tab.section(cmd.id, cmd.command).state = cmd.state;
-      logs.changed(cmd.hostId, null);
-    }
+    noteCommand(cmd);
   },
   commandUpdated(cmd: CommandInfo): void {
-    const s = logs.book.tabs.get(cmd.hostId)?.sections.find((x) => x.commandId === cmd.id);
-    if (s && s.state !== cmd.state) {
-      s.state = cmd.state;
-      logs.changed(cmd.hostId, null);
-    }
+    noteCommand(cmd);
   },
   commandOutput(hostId: string, commandId: string, lines: ReturnType<typeof lineFromProto>[]): void {
     const tab = logs.book.tabs.get(hostId);
@@ -353,16 +381,7 @@ const sink = {
     if (res.gapAfter !== null) void fetchLines(hostId, commandId, res.gapAfter);
   },
   commandComplete(cmd: CommandInfo): void {
-    const tab = logs.book.tabs.get(cmd.hostId);
-    if (tab) {
-      tab.section(cmd.id, cmd.command).state = cmd.state;
-      logs.changed(cmd.hostId, null);
-    }
-    if (ownCommands.delete(cmd.id)) {
-      const name = hostStore.get(cmd.hostId)?.hostname ?? cmd.hostId;
-      const ok = cmd.state === "succeeded";
-      showToast(`${cmd.command} on ${name}: ${cmd.state}${cmd.message ? ` — ${cmd.message}` : ""}`, ok ? "ok" : "error");
-    }
+    noteCommand(cmd);
   },
   bulkProgress(b: BulkInfo): void {
     if (!ownBulks.has(b.id) || b.state === "running" || b.state === "unknown") return;
@@ -378,8 +397,8 @@ async function loadHistory(hostId: string): Promise<void> {
     const list = await client.listCommands({ hostId, pageSize: 1 });
     const latest = list.commands[0];
     if (latest) {
-      const cmd = commandFromProto(latest);
-      tab.section(cmd.id, cmd.command).state = cmd.state;
+      const cmd = noteCommand(commandFromProto(latest));
+      tab.setState(cmd.id, cmd.state, cmd.command);
       await fetchLines(hostId, cmd.id, 0);
     }
   } catch (err) {
@@ -399,8 +418,8 @@ async function fetchLines(hostId: string, commandId: string, afterSeq: number): 
     if (!tab) return;
     const lines = res.lines.map(lineFromProto);
     const added = tab.add(commandId, lines, res.command?.command ?? "");
-    if (res.command) tab.section(commandId).state = commandFromProto(res.command).state;
     logs.changed(hostId, added.reordered ? null : added.appended);
+    if (res.command) noteCommand(commandFromProto(res.command));
     const last = lines[lines.length - 1];
     if (!res.more || !last) return;
     after = last.seq;
@@ -453,17 +472,20 @@ async function runCommand(id: string, command: string, force = false, totp = "")
     const res = await client.runCommand({ hostId: id, command, force, totp });
     const cmd = res.command ? commandFromProto(res.command) : null;
     if (cmd) {
-      ownCommands.add(cmd.id);
+      // The command's events may have come before this answer, its end
+      // included: the tracker holds whichever is newer.
+      commands.claim(cmd);
       if (LOGGED_COMMANDS.has(command)) {
         const created = !logs.book.tabs.has(id);
         const tab = logs.show(id);
-        tab.section(cmd.id, cmd.command).state = cmd.state;
+        tab.setState(cmd.id, cmd.state, cmd.command);
         logs.changed(id, null);
         // Lines that streamed before the tab existed come from the store.
         if (created) void fetchLines(id, cmd.id, 0).finally(() => (tab.historyLoaded = true));
       } else {
         showToast(`${command} sent to ${hostName(id)}`, "info");
       }
+      noteCommand(cmd);
     }
   } catch (err) {
     const reason = blockReason(err);

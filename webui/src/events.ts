@@ -37,7 +37,8 @@ export interface EventSink {
   commandOutput?(hostId: string, commandId: string, lines: LogLine[]): void;
   commandComplete?(cmd: CommandInfo): void;
   bulkProgress?(bulk: BulkInfo): void;
-  snapshot?(resync: boolean): void;
+  /** snapshot follows a (re)started stream's snapshot, with its commands not yet ended. */
+  snapshot?(resync: boolean, active: CommandInfo[]): void;
 }
 
 /** Stores is what events write into. */
@@ -98,14 +99,14 @@ function apply(ev: unknown, s: Stores): boolean {
     case "snapshot": {
       const snap = kind.value;
       const hosts = (Array.isArray(snap.hosts) ? snap.hosts : []).filter((h) => h && h.hostId).map(hostFromProto);
-      for (const c of Array.isArray(snap.activeCommands) ? snap.activeCommands : []) {
-        const cmd = commandFromProto(c);
+      const active = (Array.isArray(snap.activeCommands) ? snap.activeCommands : []).map(commandFromProto);
+      for (const cmd of active) {
         const h = hosts.find((x) => x.id === cmd.hostId);
         if (h && !h.runningCommand && !isTerminal(cmd.state)) h.runningCommand = cmd;
       }
       s.hosts.replaceAll(hosts);
       s.global.hydrate(snap);
-      s.sink?.snapshot?.(snap.resync === true);
+      s.sink?.snapshot?.(snap.resync === true, active.filter((c) => c.id && !isTerminal(c.state)));
       return true;
     }
     case "hostHeartbeat": {

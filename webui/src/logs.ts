@@ -2,6 +2,7 @@
 // commands seen for that host, ordered and de-duplicated by sequence number
 // (history loaded with GetCommandLog and live CommandOutput lines overlap).
 
+import { advances } from "./commands";
 import type { LogLine } from "./model";
 
 /** Lines kept per tab; older lines are dropped first. */
@@ -47,6 +48,24 @@ export class LogTab {
       s.command = command;
     }
     return s;
+  }
+
+  /**
+   * setState records a command's state in its section, creating the
+   * section if needed. It returns whether the section's header changed. A
+   * state never moves back: an ended command stays ended when an older
+   * "running" answer arrives after its end.
+   */
+  setState(commandId: string, state: string, command = ""): boolean {
+    const before = this.sections.find((x) => x.commandId === commandId);
+    const hadName = before?.command ?? "";
+    const s = this.section(commandId, command);
+    let changed = before === undefined || s.command !== hadName;
+    if (s.state !== state && advances(s.state, state)) {
+      s.state = state;
+      changed = true;
+    }
+    return changed;
   }
 
   /** add merges lines of one command. */

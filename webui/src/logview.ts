@@ -2,7 +2,7 @@
 // download. The data lives in a LogBook (logs.ts); this file only draws it.
 // Lines are inserted with textContent, so output is never parsed as HTML.
 
-import { formatLine, LogBook, MAX_TAB_LINES, type LogTab } from "./logs";
+import { formatLine, LogBook, MAX_TAB_LINES, type LogSection, type LogTab } from "./logs";
 import type { LogLine } from "./model";
 
 /** LogPanel draws a LogBook. */
@@ -13,6 +13,8 @@ export class LogPanel {
   private readonly body: HTMLElement;
   private readonly follow: HTMLInputElement;
   private shownHost: string | null = null;
+  /** Section header elements of the shown tab, by command id. */
+  private readonly headers = new Map<string, HTMLElement>();
 
   constructor(
     private readonly hostName: (id: string) => string,
@@ -72,6 +74,26 @@ export class LogPanel {
     this.scroll();
   }
 
+  /**
+   * sectionChanged redraws one command's section header after its state
+   * changed; a section not drawn yet redraws the tab.
+   */
+  sectionChanged(hostId: string, commandId: string): void {
+    if (this.book.active !== hostId || this.shownHost !== hostId) {
+      this.renderTabs();
+      return;
+    }
+    const s = this.book.tabs.get(hostId)?.sections.find((x) => x.commandId === commandId);
+    const head = this.headers.get(commandId);
+    if (!s || !head) {
+      this.renderBody();
+      return;
+    }
+    const text = sectionTitle(s);
+    if (head.textContent !== text) head.textContent = text;
+    head.dataset.state = s.state;
+  }
+
   /** renderTabs redraws the tab strip (few elements; rebuilt whole). */
   renderTabs(): void {
     const frag = document.createDocumentFragment();
@@ -100,12 +122,15 @@ export class LogPanel {
     this.shownHost = id;
     const tab = id ? this.book.tabs.get(id) : undefined;
     const frag = document.createDocumentFragment();
+    this.headers.clear();
     if (tab) {
       for (const s of tab.sections) {
         const head = document.createElement("div");
         head.className = "log-section";
         head.dataset.commandId = s.commandId;
-        head.textContent = `── ${s.command || "command"} ${s.commandId}${s.state ? ` · ${s.state}` : ""} ──`;
+        head.dataset.state = s.state;
+        head.textContent = sectionTitle(s);
+        this.headers.set(s.commandId, head);
         frag.appendChild(head);
         for (const l of s.lines) frag.appendChild(lineEl(l));
       }
@@ -154,6 +179,11 @@ export class LogPanel {
     a.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10_000);
   }
+}
+
+/** sectionTitle is a section header's text: command, id and state. */
+export function sectionTitle(s: LogSection): string {
+  return `── ${s.command || "command"} ${s.commandId}${s.state ? ` · ${s.state}` : ""} ──`;
 }
 
 function lineEl(l: LogLine): HTMLElement {

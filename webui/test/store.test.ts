@@ -167,9 +167,19 @@ describe("applyEvent", () => {
     const { hosts, global } = setup(["a", "b"]);
     hosts.update("b", { metrics: { cpu: 99 } });
     const snaps: boolean[] = [];
-    const sink: EventSink = { snapshot: (r) => snaps.push(r) };
+    const active: string[] = [];
+    const sink: EventSink = {
+      snapshot: (r, cmds) => {
+        snaps.push(r);
+        active.push(...cmds.map((c) => `${c.id} ${c.state}`));
+      },
+    };
     const snap = create(SnapshotSchema, {
       hosts: [host("b", { metrics: { cpuPercent: 5 } }), host("c")],
+      activeCommands: [
+        { commandId: "c7", hostId: "b", command: "switch", state: CommandState.RUNNING },
+        { commandId: "c8", hostId: "c", command: "test", state: CommandState.SUCCEEDED },
+      ],
       serverVersion: "2.0.0",
       pendingPr: { number: 42, title: "Update flake.lock", mergeable: true },
       resync: true,
@@ -180,6 +190,8 @@ describe("applyEvent", () => {
     assert.equal(global.state.serverVersion, "2.0.0");
     assert.equal(global.state.pendingPR?.number, 42);
     assert.deepEqual(snaps, [true]);
+    assert.deepEqual(active, ["c7 running"], "the sink hears the commands not yet ended");
+    assert.equal(hosts.get("b")?.runningCommand?.id, "c7");
   });
 
   it("tracks a command from queued to complete and passes output on", () => {
