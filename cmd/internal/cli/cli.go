@@ -46,6 +46,7 @@ const usage = `nixplane — a control plane for fleets of Nix machines
 
 Server:
   nixplane serve --listen 127.0.0.1:8080 --data-dir DIR   run the control plane
+        [--github-repo OWNER/NAME --github-token-file F [--github-api-url URL]]
   nixplane demo [--listen ADDR] [--hosts N]               server + simulated fleet, no setup
   nixplane version
 
@@ -64,6 +65,9 @@ Client (--server URL, token from NIXPLANE_TOKEN or --token-file):
   nixplane refresh HOST       ask the agent to recompute its status
   nixplane run CMD HOST...|--all [--follow]
   nixplane logs COMMAND_ID [--follow]
+  nixplane pr                 the pending flake-update PR
+  nixplane merge-and-deploy PR [--hosts a,b] [--canary a] [--batch-size 5] [--max-failures 0]
+                              merge it, then pull-switch: canaries first, then batches
 
 Every flag can also be given as NIXPLANE_<FLAG> (e.g. NIXPLANE_DATA_DIR).
 `
@@ -120,6 +124,8 @@ func dispatch(ctx context.Context, args []string, env Env) error {
 		return tokens(ctx, rest, env)
 	case "status", "refresh", "run", "logs":
 		return client(ctx, cmd, rest, env)
+	case "pr", "merge-and-deploy":
+		return pr(ctx, cmd, rest, env)
 	}
 	return usagef("unknown command %q", cmd)
 }

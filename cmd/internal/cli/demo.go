@@ -6,6 +6,8 @@ import (
 	"encoding/base64"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +19,7 @@ import (
 	"github.com/nixplane/nixplane/agent"
 	"github.com/nixplane/nixplane/cmd/internal/buildinfo"
 	"github.com/nixplane/nixplane/controlplane"
+	"github.com/nixplane/nixplane/controlplane/github/standin"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
 )
@@ -119,10 +122,19 @@ func demo(ctx context.Context, args []string, env Env) error {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
+	gh, err := fleet.startGitHub(gctx, g, dir, log)
+	if err != nil {
+		return fmt.Errorf("start the GitHub stand-in: %w", err)
+	}
+	prNumber, err := fleet.openFlakeUpdate(gctx)
+	if err != nil {
+		return fmt.Errorf("open the demo flake-update PR: %w", err)
+	}
 	ready := make(chan string, 1)
 	g.Go(func() error {
 		return controlplane.Run(gctx, controlplane.Config{Listen: *listen, DataDir: filepath.Join(dir, "server"), AdminPassword: password,
 			Version: buildinfo.Version, FleetRepo: fleet.origin, Branch: "main", TargetPoll: 15 * time.Second, Log: log,
+			GitHubRepo: demoGitHubRepo, GitHubTokenFile: gh.tokenFile, GitHubAPIURL: gh.url, GitHubPoll: 5 * time.Second,
 			Out: env.Stderr, Ready: func(a string) { ready <- a }})
 	})
 	var addr string
@@ -169,16 +181,92 @@ nixplane demo is running with %d simulated hosts.
 
 A new commit lands in the fleet repository every %s, turning Git outdated;
 pull and switch from the page (or: nixplane run pull-switch --all --server %s).
-db-1 has a failing test. Press Ctrl-C to stop.
-`, *n, url, password, dir, fleet.origin, *every, url)
+db-1 has a failing test.
+
+Flake-update PR #%d is pending on a local stand-in for GitHub (%s, repo %s):
+Merge & Deploy it from the page (or: nixplane merge-and-deploy %d --server %s).
+Merging is real git on the fleet repository; another lock update opens as a
+new PR later. Press Ctrl-C to stop.
+`, *n, url, password, dir, fleet.origin, *every, url, prNumber, gh.url, demoGitHubRepo, prNumber, url)
 	return g.Wait()
 }
 
 // demoRepo is the demo's fleet repository: a bare origin and a work tree
-// that pushes to it.
+// that pushes to it, and the GitHub stand-in over the origin.
 type demoRepo struct {
 	origin, work string
 	n            int
+	gh           *standin.Server
+}
+
+// demoGitHubRepo is the repository name the demo's GitHub stand-in serves.
+const demoGitHubRepo = "demo/fleet"
+
+// demoGitHub is the running GitHub stand-in.
+type demoGitHub struct {
+	url, tokenFile string
+}
+
+// startGitHub serves the GitHub REST API stand-in over the origin on a
+// loopback port until gctx ends; its token is written next to the data.
+func (r *demoRepo) startGitHub(gctx context.Context, g *errgroup.Group, dir string, log *slog.Logger) (*demoGitHub, error) {
+	var b [18]byte
+	_, _ = rand.Read(b[:])
+	token := "demo_" + base64.RawURLEncoding.EncodeToString(b[:])
+	tokenFile := filepath.Join(dir, "github-token")
+	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	url := "http://" + ln.Addr().String()
+	owner, name, _ := strings.Cut(demoGitHubRepo, "/")
+	r.gh, err = standin.New(standin.Config{Owner: owner, Repo: name, Origin: r.origin, Token: token, BaseURL: url, Log: log.With("component", "github-standin")})
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	srv := &http.Server{Handler: r.gh.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	g.Go(func() error {
+		if err := srv.Serve(ln); err != nil && err != http.ErrServerClosed {
+			return err
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(ctx)
+	})
+	return &demoGitHub{url: url, tokenFile: tokenFile}, nil
+}
+
+// openFlakeUpdate opens a flake-update PR (a branch off main that changes
+// flake.lock) unless one is open; it returns the open one's number. An
+// unrelated documentation PR is opened beside the first, so the page shows
+// that only the lock update is picked.
+func (r *demoRepo) openFlakeUpdate(ctx context.Context) (int, error) {
+	for _, p := range r.gh.OpenPRs() {
+		if p.Head == "update-flake-lock" {
+			return p.Number, nil
+		}
+	}
+	if _, ok := r.gh.PR(1); !ok {
+		if _, err := r.gh.CommitFiles(ctx, "docs-layout", "main", map[string]string{"docs/LAYOUT.md": "hosts/<name>/ holds each host's configuration.\n"}, "docs: describe the layout"); err != nil {
+			return 0, err
+		}
+		if _, err := r.gh.OpenPR(ctx, standin.PR{Title: "docs: describe the fleet layout", Head: "docs-layout"}); err != nil {
+			return 0, err
+		}
+	}
+	lockN := 100 + r.n*1000 + int(time.Now().Unix()%1000)
+	if _, err := r.gh.CommitFiles(ctx, "update-flake-lock", "main", map[string]string{"flake.lock": demoLock(lockN)}, "flake.lock: Update\n\nnixpkgs moved forward."); err != nil {
+		return 0, err
+	}
+	return r.gh.OpenPR(ctx, standin.PR{Title: "flake.lock: Update", Labels: []string{"dependencies"}, Head: "update-flake-lock"})
 }
 
 func gitRun(ctx context.Context, dir string, args ...string) error {
@@ -282,8 +370,9 @@ func demoLock(n int) string {
 `, 1760000000+n*86400, n, n)
 }
 
-// commitLoop lands a new commit every interval: configuration changes, and
-// every other time a flake.lock update.
+// commitLoop lands a new commit every interval: configuration changes on
+// main, and every other time a flake.lock update as a pull request (when
+// none is open already).
 func (r *demoRepo) commitLoop(ctx context.Context, every time.Duration, log *slog.Logger) {
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -294,11 +383,21 @@ func (r *demoRepo) commitLoop(ctx context.Context, every time.Duration, log *slo
 		case <-t.C:
 		}
 		r.n++
+		if r.n%2 == 0 && r.gh != nil {
+			// Lock updates arrive as pull requests, like a bot's would.
+			if n, err := r.openFlakeUpdate(ctx); err != nil {
+				log.Warn("demo flake-update PR", "err", err)
+			} else {
+				log.Info("demo flake-update PR open", "pr", n)
+			}
+			continue
+		}
 		msg := fmt.Sprintf("hosts: tune services (change %d)", r.n)
 		files := map[string]string{"CHANGES": fmt.Sprintf("change %d at %s\n", r.n, time.Now().UTC().Format(time.RFC3339))}
-		if r.n%2 == 0 {
-			msg = fmt.Sprintf("flake.lock: update nixpkgs (%d)", r.n)
-			files["flake.lock"] = demoLock(r.n + 1)
+		// The origin may have moved (a merged PR): start from its main.
+		if err := gitRun(ctx, r.work, "pull", "--quiet", "--ff-only", "origin", "main"); err != nil {
+			log.Warn("demo commit", "err", err)
+			continue
 		}
 		for name, body := range files {
 			if err := os.WriteFile(filepath.Join(r.work, name), []byte(body), 0o644); err != nil {
