@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -263,6 +264,22 @@ func (s *server) setupGitHub() error {
 		return err
 	}
 	s.hub.SetPendingPR(nil, true)
+	// A failing poll keeps the last known PR; these series let an operator
+	// alert on it (consecutive failures, time of the last good poll).
+	prs := s.prs
+	s.metrics.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nixplane_github_poll_failures", Help: "GitHub polls for the flake-update PR failed in a row (0: the last one succeeded)."},
+			func() float64 { return float64(prs.Health().Failures) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nixplane_github_last_success_timestamp_seconds", Help: "Unix time of the last successful GitHub poll (0: none yet)."},
+			func() float64 {
+				if t := prs.Health().LastSuccess; !t.IsZero() {
+					return float64(t.UnixNano()) / 1e9
+				}
+				return 0
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nixplane_github_pending_pr", Help: "Number of the pending flake-update PR (0: none)."},
+			func() float64 { return float64(prs.Pending().GetNumber()) }),
+	)
 	d := &github.Deployer{PRs: s.prs, Hub: s.hub, Commands: s.cmds, Log: cfg.Log}
 	if s.target.Configured() {
 		d.Target = s.target

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -247,6 +248,35 @@ func (w *world) waitPending(number int) {
 	})
 }
 
+// scrape returns the /metrics text.
+func (w *world) scrape() string {
+	req, err := http.NewRequest(http.MethodGet, "http://"+w.addr+"/metrics", nil)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+w.token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// series returns the value of an unlabelled series, or -1.
+func series(body, name string) float64 {
+	for _, line := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
+}
+
 func (w *world) mainHead() string { return git(w.t, "-C", w.origin, "rev-parse", "main") }
 
 func wantCode(t *testing.T, err error, code codes.Code, contains string) {
@@ -395,7 +425,17 @@ func TestMergeAndDeployRefusals(t *testing.T) {
 	w.api.SetFault(func(r *http.Request) (int, string) { return http.StatusUnauthorized, "Bad credentials" })
 	_, err = fc.MergeAndDeploy(ctx, &fleetv1.MergeAndDeployRequest{PrNumber: n})
 	wantCode(t, err, codes.FailedPrecondition, "token")
+	// Meanwhile the polls fail too: the PR stays, the failures show.
+	waitFor(t, "poll failures in /metrics", func() (bool, string) {
+		body := w.scrape()
+		return series(body, "nixplane_github_poll_failures") >= 2 && series(body, "nixplane_github_pending_pr") == float64(n), body
+	})
+	w.waitPending(w.prNumber)
 	w.api.SetFault(nil)
+	waitFor(t, "poll recovery in /metrics", func() (bool, string) {
+		body := w.scrape()
+		return series(body, "nixplane_github_poll_failures") == 0 && series(body, "nixplane_github_last_success_timestamp_seconds") > 0, body
+	})
 
 	if got := w.mainHead(); got != before {
 		t.Fatalf("main moved to %s although every request was refused", got)
