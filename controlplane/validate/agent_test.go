@@ -104,3 +104,41 @@ func FuzzAgentMessage(f *testing.F) {
 		}
 	})
 }
+
+// FuzzHelloMessage decodes any bytes as an agent's hello, as the stream
+// does, and checks it without panicking; an accepted hello names a valid
+// host and holds only bounded, valid UTF-8 text.
+func FuzzHelloMessage(f *testing.F) {
+	for _, h := range []*agentv1.Hello{
+		{Hostname: "web-1", AgentVersion: "1.0.0", Generation: "abcdef1", OsVersion: "NixOS 26.05"},
+		{Hostname: "web-1", LastResult: &agentv1.CommandResult{CommandId: "c1", Message: "ok"}},
+		{Hostname: "Web_1", Location: "\xff", ThemeColor: "red"},
+	} {
+		b, _ := proto.Marshal(h)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var h agentv1.Hello
+		if proto.Unmarshal(b, &h) != nil {
+			return
+		}
+		if err := Hello(&h); err != nil {
+			if !utf8.ValidString(err.Error()) {
+				t.Fatalf("error is not valid UTF-8: %q", err)
+			}
+			return
+		}
+		if Hostname(h.Hostname) != nil {
+			t.Fatalf("accepted host name %q", h.Hostname)
+		}
+		for _, v := range []string{h.AgentVersion, h.OsVersion, h.NixpkgsVersion, h.RepoUrl, h.Branch, h.Location,
+			h.DeviceType, h.StorePath, h.SourceCommit, h.GenerationMessage} {
+			if !utf8.ValidString(v) || len(v) > MaxField {
+				t.Fatalf("accepted free text of %d bytes", len(v))
+			}
+		}
+		if d := h.GetHeartbeatInterval(); d != nil && d.AsDuration() < 0 {
+			t.Fatalf("accepted a negative heartbeat interval")
+		}
+	})
+}
