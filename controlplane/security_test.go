@@ -191,6 +191,16 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 	}
 	waitAgentRun(t, agent, "reboot")
 
+	// Guesses are bounded: four codes tried so far, the fifth is judged,
+	// the sixth is refused unread.
+	wrong := `{"command":"rollback","totp":"` + wrongCode(t, begin.Secret) + `"}`
+	if code, body := e.sessionREST(t, "POST", "/api/hosts/m-1/commands", wrong); code != http.StatusConflict {
+		t.Fatalf("fifth guess: %d %s, want 409", code, body)
+	}
+	if code, body := e.sessionREST(t, "POST", "/api/hosts/m-1/commands", wrong); code != http.StatusTooManyRequests {
+		t.Fatalf("sixth guess: %d %s, want 429", code, body)
+	}
+
 	// Disable needs a current code, too.
 	if code, body := e.sessionREST(t, "POST", "/api/totp/disable", `{"code":"`+wrongCode(t, begin.Secret)+`"}`); code != http.StatusBadRequest {
 		t.Fatalf("disable with a wrong code: %d %s", code, body)
@@ -227,6 +237,8 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 		"user:alice RunCommand FailedPrecondition m-1", "user:alice RunCommand FailedPrecondition m-1",
 		"user:alice RunCommand FailedPrecondition m-1",
 		"user:alice RunCommand ok m-1",
+		"user:alice RunCommand FailedPrecondition m-1",
+		"user:alice RunCommand ResourceExhausted m-1",
 		"user:alice DisableTOTP InvalidArgument ",
 		"user:alice DisableTOTP ok ",
 	}

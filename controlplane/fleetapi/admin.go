@@ -54,8 +54,30 @@ type Admin struct {
 	adminv1.UnimplementedAdminServiceServer
 	Store AdminStore
 
-	limMu    sync.Mutex
-	codeLims map[string]*rate.Limiter
+	codes codeLimiter
+}
+
+// codeLimiter bounds one-time code guesses per user: 5 at once, then one
+// every 12 seconds, so a stolen session cannot try its way through the
+// million codes.
+type codeLimiter struct {
+	mu sync.Mutex
+	m  map[string]*rate.Limiter
+}
+
+// allow takes one attempt for user; false when none is left.
+func (l *codeLimiter) allow(user string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m == nil || len(l.m) > 10_000 {
+		l.m = map[string]*rate.Limiter{}
+	}
+	lim := l.m[user]
+	if lim == nil {
+		lim = rate.NewLimiter(rate.Every(12*time.Second), 5)
+		l.m[user] = lim
+	}
+	return lim.Allow()
 }
 
 // WhoAmI implements AdminService.
@@ -256,25 +278,15 @@ func (a *Admin) sessionUser(ctx context.Context) (store.User, error) {
 	return u, nil
 }
 
-// checkCode validates a six-digit code against secret, at most 5 attempts
-// then one every 12 seconds per user, so a stolen session cannot guess its
-// way to disabling TOTP.
+// checkCode validates a six-digit code against secret, with guesses
+// bounded per user, so a stolen session cannot guess its way to disabling
+// TOTP.
 func (a *Admin) checkCode(user, code, secret string) error {
 	if len(code) != 6 {
 		// Cannot match: no attempt spent.
 		return status.Error(codes.InvalidArgument, "the one-time code has six digits")
 	}
-	a.limMu.Lock()
-	if a.codeLims == nil || len(a.codeLims) > 10_000 {
-		a.codeLims = map[string]*rate.Limiter{}
-	}
-	lim := a.codeLims[user]
-	if lim == nil {
-		lim = rate.NewLimiter(rate.Every(12*time.Second), 5)
-		a.codeLims[user] = lim
-	}
-	a.limMu.Unlock()
-	if !lim.Allow() {
+	if !a.codes.allow(user) {
 		return status.Error(codes.ResourceExhausted, "too many one-time code attempts; wait a minute")
 	}
 	if !totp.Validate(code, secret) {

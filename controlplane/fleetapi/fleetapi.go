@@ -71,6 +71,7 @@ type Fleet struct {
 	waiting map[string][]chan *agentv1.StatusReport // request id → waiters
 	seq     uint64
 	streams map[string]int // open streams by actor
+	codes   codeLimiter
 }
 
 // DefaultMaxStreamsPerCaller is MaxStreamsPerCaller's default.
@@ -258,8 +259,13 @@ func (f *Fleet) RefreshHost(ctx context.Context, req *fleetv1.RefreshHostRequest
 func (f *Fleet) RunCommand(ctx context.Context, req *fleetv1.RunCommandRequest) (*fleetv1.RunCommandResponse, error) {
 	id := auth.FromContext(ctx)
 	name := strings.ToLower(strings.TrimSpace(req.Command))
-	if (name == "reboot" || name == "rollback") && id != nil && id.TOTPEnabled && !f.validTOTP(ctx, id.Name, req.Totp) {
-		return nil, f.toStatus(&commands.BlockedError{Reason: fleetv1.BlockReason_BLOCK_REASON_TOTP_REQUIRED, Message: name + " needs a fresh one-time code"})
+	if (name == "reboot" || name == "rollback") && id != nil && id.TOTPEnabled {
+		if req.Totp != "" && !f.codes.allow(id.Name) {
+			return nil, status.Error(codes.ResourceExhausted, "too many one-time code attempts; wait a minute")
+		}
+		if !f.validTOTP(ctx, id.Name, req.Totp) {
+			return nil, f.toStatus(&commands.BlockedError{Reason: fleetv1.BlockReason_BLOCK_REASON_TOTP_REQUIRED, Message: name + " needs a fresh one-time code"})
+		}
 	}
 	c, err := f.Commands.Run(ctx, id.Actor(), req.HostId, name, req.Force)
 	if errors.Is(err, commands.ErrNotFound) {
