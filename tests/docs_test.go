@@ -508,14 +508,17 @@ func docSubstitutions(s *Server, backupDir string) *strings.Replacer {
 		"127.0.0.1:8080", s.Addr,
 		"/var/lib/nixplane/", s.DataDir+"/",
 		"/var/lib/nixplane ", s.DataDir+" ",
+		"/var/lib/nixplane\n", s.DataDir+"\n",
 		"/var/backup/", backupDir+"/",
 	)
 }
 
 // docSession runs the recipes of one document as one shell session.
 type docSession struct {
-	t     *testing.T
-	s     *Server
+	t *testing.T
+	s *Server
+	// dir is the session's working directory.
+	dir   string
 	env   []string
 	state string
 	repl  *strings.Replacer
@@ -567,6 +570,7 @@ func (d *docSession) run(r docRecipe, c docCheck) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "bash", "-c", script)
+	cmd.Dir = d.dir
 	cmd.Env = append(slices.Clone(d.env), "DOCTEST_STATE="+d.state)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
@@ -707,7 +711,7 @@ func newDocSession(t *testing.T, s *Server, token, path string, repl *strings.Re
 		t.Fatal(err)
 	}
 	env := baseEnv("TOKEN="+token, "PATH="+path)
-	return &docSession{t: t, s: s, env: env, state: state, repl: repl}
+	return &docSession{t: t, s: s, dir: t.TempDir(), env: env, state: state, repl: repl}
 }
 
 // TestDocsAPIRecipes runs every tested recipe of docs/api.md against a
@@ -758,5 +762,166 @@ func TestExtractRecipes(t *testing.T) {
 		if _, err := extractRecipes("bad.md", bad); err == nil {
 			t.Errorf("extractRecipes(%q) accepted a dangling marker", bad)
 		}
+	}
+}
+
+// sqlite3 runs the sqlite3 shell on db and returns its output.
+func sqlite3(t *testing.T, db, sql string) string {
+	t.Helper()
+	out, err := exec.Command("sqlite3", db, sql).CombinedOutput()
+	if err != nil {
+		t.Fatalf("sqlite3 %s %q: %v\n%s", db, sql, err, out)
+	}
+	return string(out)
+}
+
+// copyToDataDir copies a database file into a new data directory as
+// nixplane.db and returns the directory.
+func copyToDataDir(t *testing.T, db string) string {
+	t.Helper()
+	b, err := os.ReadFile(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "nixplane.db"), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// backupHolds opens a copy of the backup db as a data directory, offline
+// with the CLI, and checks that it holds exactly hosts.
+func backupHolds(t *testing.T, db string, hosts ...string) error {
+	t.Helper()
+	res := runCLI(t, nil, "hosts", "list", "--data-dir", copyToDataDir(t, db), "--json")
+	if res.code != 0 {
+		return fmt.Errorf("hosts list on %s: exit %d: %s", db, res.code, res.stderr)
+	}
+	m, err := oneJSON(res.stdout)
+	if err != nil {
+		return fmt.Errorf("hosts list on %s: %v", db, err)
+	}
+	if ids := hostIDs(m["hosts"]); !slices.Equal(ids, hosts) {
+		return fmt.Errorf("hosts in %s: %v, want %v", db, ids, hosts)
+	}
+	return nil
+}
+
+// TestDocsOperationsRecipes runs the tested recipes of docs/operations.md:
+// an online backup taken while a command writes its log, a compacted copy,
+// the schema query, and token rotation through the CLI. It also checks the
+// guide's claims around them: the backup opens and holds the fleet, a newer
+// schema is refused with the message the guide quotes, a rotated agent
+// token takes the host offline and the new one brings it back, and a
+// revoked API token is refused.
+func TestDocsOperationsRecipes(t *testing.T) {
+	if _, err := exec.LookPath("sqlite3"); err != nil {
+		t.Fatalf("the backup recipes need sqlite3 on PATH (apt-get install sqlite3): %v", err)
+	}
+	path, _ := docTools(t, false)
+	s := StartServer(t)
+	f := NewFleet(t, "web-1")
+	// A switch that writes its log for a while: the backup runs meanwhile.
+	agent := s.StartAgent(f, "web-1", AgentOptions{Rebuild: "#!/bin/sh\ni=0\nwhile [ $i -lt 300 ]; do echo \"building unit $i\"; i=$((i+1)); sleep 0.01; done\necho 'switch done'\n"})
+	s.WaitOnline("web-1")
+	var oldCI struct {
+		Secret string `json:"secret"`
+	}
+	r := s.Do("POST", "/api/tokens", s.AdminToken, []byte(`{"name":"ci","scope":"SCOPE_OPERATE"}`))
+	if err := json.Unmarshal(r.body, &oldCI); r.code != 200 || err != nil || oldCI.Secret == "" {
+		t.Fatalf("create token ci: %d %s", r.code, r.body)
+	}
+	backups := t.TempDir()
+	d := newDocSession(t, s, s.AdminToken, path, docSubstitutions(s, backups))
+	var running string
+
+	checks := map[string]docCheck{
+		`B=/var/backup/nixplane-$(date +%F).db
+sqlite3 /var/lib/nixplane/nixplane.db ".backup '$B'"
+sqlite3 "$B" 'PRAGMA integrity_check'`: {check: func(out string, e *docEnv) error {
+			if out != "ok\n" {
+				return fmt.Errorf("integrity check printed %q, want ok", out)
+			}
+			if c := s.Command(running); terminal(c.State) {
+				t.Logf("the switch ended (%s) before the backup did; the backup still ran against a live server", c.State)
+			}
+			ms, _ := filepath.Glob(filepath.Join(backups, "nixplane-*.db"))
+			if len(ms) != 1 {
+				return fmt.Errorf("backups %v, want one", ms)
+			}
+			return backupHolds(t, ms[0], "web-1")
+		}},
+		`sqlite3 /var/lib/nixplane/nixplane.db "VACUUM INTO '/var/backup/nixplane-compact.db'"`: {check: func(out string, _ *docEnv) error {
+			return backupHolds(t, filepath.Join(backups, "nixplane-compact.db"), "web-1")
+		}},
+		`sqlite3 /var/lib/nixplane/nixplane.db 'SELECT version, name FROM schema_migrations'`: {check: func(out string, _ *docEnv) error {
+			return regexpIn(out, `\A1\|0001_init\n(\d+\|\d{4}_\w+\n)*\z`)
+		}},
+		`export NIXPLANE_SERVER=http://127.0.0.1:8080 NIXPLANE_TOKEN=$TOKEN
+nixplane hosts rotate-token web-1 > web-1.token
+nixplane tokens create ci-2 --scope operate > ci-2.token
+nixplane tokens list
+nixplane tokens revoke ci`: {check: func(out string, e *docEnv) error {
+			return all(regexpIn(out, `(?m)^NAME\s+SCOPE$`), regexpIn(out, `(?m)^ci-2\s+operate$`), regexpIn(out, `(?m)^ci\s+operate$`))
+		}},
+	}
+	rs := docRecipes(t, "docs/operations.md", checks)
+	for _, rc := range rs {
+		if strings.HasPrefix(rc.text, "B=/var/backup/") {
+			running = s.RunCommand("web-1", "switch").CommandId
+			waitFor(t, commandTimeout, func() (bool, string) {
+				c := s.Command(running)
+				return c.LineCount > 20 || terminal(c.State), fmt.Sprintf("switch %s has %d lines", running, c.LineCount)
+			})
+		} else {
+			waitIdle(t, s)
+		}
+		d.run(rc, checks[rc.text])
+		if t.Failed() {
+			return
+		}
+	}
+
+	// A newer schema is refused with the message the guide quotes.
+	ms, _ := filepath.Glob(filepath.Join(backups, "nixplane-*.db"))
+	future := copyToDataDir(t, ms[0])
+	known := strings.Count(sqlite3(t, filepath.Join(future, "nixplane.db"), "SELECT version FROM schema_migrations"), "\n")
+	sqlite3(t, filepath.Join(future, "nixplane.db"), "INSERT INTO schema_migrations VALUES (9999, '9999_future', 0)")
+	res := runCLI(t, nil, "hosts", "list", "--data-dir", future)
+	want := fmt.Sprintf("database schema is newer than this nixplane supports: database is at version 9999, this binary knows up to %d; run a newer nixplane", known)
+	if res.code == 0 || !strings.Contains(res.stderr, want) {
+		t.Errorf("a database of a newer schema: exit %d, stderr %q, want %q", res.code, res.stderr, want)
+	}
+	guide, err := os.ReadFile("../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	quoted := strings.NewReplacer("9999", "N", fmt.Sprint(known), "M").Replace(want)
+	if !strings.Contains(strings.Join(strings.Fields(string(guide)), " "), quoted) {
+		t.Errorf("docs/operations.md does not quote the refusal as the server says it: %q", quoted)
+	}
+
+	// The rotated agent token: the live stream is closed, the old token
+	// refused, and the new one from web-1.token brings the host back.
+	s.WaitOffline("web-1", stateTimeout)
+	agent.Kill()
+	tok, err := os.ReadFile(filepath.Join(d.dir, "web-1.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.StartAgentWithToken(f, "web-1", singleLine(t, "web-1.token", string(tok)), AgentOptions{})
+	s.WaitOnline("web-1")
+
+	// The new API token works with its scope; the revoked one is refused.
+	ci2, err := os.ReadFile(filepath.Join(d.dir, "ci-2.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := s.Do("GET", "/api/whoami", singleLine(t, "ci-2.token", string(ci2)), nil); r.code != 200 || !strings.Contains(string(r.body), "SCOPE_OPERATE") {
+		t.Errorf("whoami with the new token: %d %s", r.code, r.body)
+	}
+	if r := s.Do("GET", "/api/whoami", oldCI.Secret, nil); r.code != 401 {
+		t.Errorf("whoami with the revoked token: %d %s, want 401", r.code, r.body)
 	}
 }
