@@ -215,6 +215,7 @@ func TestAuthenticate(t *testing.T) {
 		addHost   = fleetv1.FleetService_AddHost_FullMethodName
 		connect   = agentv1.AgentService_Connect_FullMethodName
 		health    = "/grpc.health.v1.Health/Check"
+		totpBegin = adminv1.AdminService_BeginTOTPEnrollment_FullMethodName
 	)
 	sameOrigin := "http://" + serverHost
 	for _, tc := range []struct {
@@ -261,6 +262,9 @@ func TestAuthenticate(t *testing.T) {
 		{"idle session", listHosts, f.session("idle"), codes.Unauthenticated, "", 0},
 		{"unknown session", listHosts, metadata.Pairs(MDCookie, SessionCookie+"="+NewSecret("")), codes.Unauthenticated, "", 0},
 		{"oversized session cookie", listHosts, metadata.Pairs(MDCookie, SessionCookie+"="+strings.Repeat("a", 200)), codes.Unauthenticated, "", 0},
+		{"admin token on a session-only method", totpBegin, bearer(f.tok["admin"]), codes.PermissionDenied, "", 0},
+		{"session on a session-only method", totpBegin, f.session("valid", MDOrigin, sameOrigin, MDCSRF, f.csrf), codes.OK, "user:admin", KindUser},
+		{"session-only methods need CSRF", totpBegin, f.session("valid", MDOrigin, sameOrigin), codes.PermissionDenied, "", 0},
 		{"bearer wins over a cookie", run, metadata.Join(bearer(f.tok["read"]), f.session("valid")), codes.PermissionDenied, "", 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
