@@ -279,6 +279,8 @@ type Server struct {
 	proc   *process
 	client *http.Client
 	webTr  *http.Transport
+	// extraArgs are appended to every "nixplane serve" of this server.
+	extraArgs []string
 }
 
 var listenRE = regexp.MustCompile(`msg="nixplane serving" addr=(\S+)`)
@@ -288,7 +290,14 @@ var listenRE = regexp.MustCompile(`msg="nixplane serving" addr=(\S+)`)
 // is printed when the test failed.
 func StartServer(t testing.TB) *Server {
 	t.Helper()
-	s := &Server{t: t, DataDir: t.TempDir(), log: &logBuffer{}}
+	return StartServerWith(t)
+}
+
+// StartServerWith is [StartServer] with extra "nixplane serve" flags, e.g.
+// --fleet-repo; they are kept for restarts.
+func StartServerWith(t testing.TB, extraArgs ...string) *Server {
+	t.Helper()
+	s := &Server{t: t, DataDir: t.TempDir(), log: &logBuffer{}, extraArgs: extraArgs}
 	res := runCLI(t, nil, "tokens", "create", "e2e-admin", "--scope", "admin", "--data-dir", s.DataDir)
 	if res.code != 0 {
 		t.Fatalf("tokens create: exit %d: %s", res.code, res.stderr)
@@ -316,7 +325,7 @@ func (s *Server) start(listen string) {
 	// The port of an earlier run may need a moment to become free again.
 	for attempt := 0; attempt < 20; attempt++ {
 		ready := s.log.expect(listenRE)
-		p, err := startProcess(bins.nixplane, []string{"serve", "--listen", listen, "--data-dir", s.DataDir},
+		p, err := startProcess(bins.nixplane, append([]string{"serve", "--listen", listen, "--data-dir", s.DataDir}, s.extraArgs...),
 			baseEnv("NIXPLANE_ADMIN_PASSWORD="+adminPassword), s.log)
 		if err != nil {
 			t.Fatalf("start nixplane serve: %v", err)
@@ -766,6 +775,9 @@ type Agent struct {
 	StateDir string
 	log      *logBuffer
 	proc     *process
+	// bin and args started the agent; [Agent.Start] reuses args.
+	bin  string
+	args []string
 }
 
 // AgentOptions tune an agent.
@@ -775,6 +787,13 @@ type AgentOptions struct {
 	// Rebuild is the body of the script that stands in for nixos-rebuild;
 	// empty means a script that prints its arguments and succeeds.
 	Rebuild string
+	// Binary is the agent executable to run (the built nixplane-agent when
+	// empty).
+	Binary string
+	// SelfPath is the agent's --self-path (empty: the check is off).
+	SelfPath string
+	// ExtraArgs are appended to the agent's command line.
+	ExtraArgs []string
 }
 
 // StartAgent registers host through the API and starts its agent against
@@ -810,8 +829,13 @@ func (s *Server) StartAgentWithToken(f *Fleet, host, token string, o AgentOption
 	args := []string{"--server", s.URL, "--hostname", host, "--token-file", tokenFile, "--repo-url", f.Origin,
 		"--state-dir", a.StateDir, "--interval", interval.String(), "--host-type", "nixos",
 		"--rebuild-command", rebuildPath, "--reboot-command", "true",
-		"--current-system", filepath.Join(dir, "no-current-system"), "--self-path", ""}
-	p, err := startProcess(bins.agent, args, baseEnv(), a.log)
+		"--current-system", filepath.Join(dir, "no-current-system"), "--self-path", o.SelfPath}
+	args = append(args, o.ExtraArgs...)
+	a.bin, a.args = bins.agent, args
+	if o.Binary != "" {
+		a.bin = o.Binary
+	}
+	p, err := startProcess(a.bin, args, baseEnv(), a.log)
 	if err != nil {
 		t.Fatalf("start nixplane-agent: %v", err)
 	}
@@ -846,6 +870,36 @@ func (a *Agent) Term() error {
 // Kill ends the agent with SIGKILL and waits for it.
 func (a *Agent) Kill() {
 	a.proc.terminate(syscall.SIGKILL)
+}
+
+// WaitExit waits until the agent process exits on its own and returns its
+// exit status.
+func (a *Agent) WaitExit(timeout time.Duration) int {
+	a.t.Helper()
+	select {
+	case <-a.proc.done:
+	case <-time.After(timeout):
+		a.t.Fatalf("agent %s did not exit within %s", a.Host, timeout)
+	}
+	return a.proc.cmd.ProcessState.ExitCode()
+}
+
+// Start starts the agent again after it exited, the way a service manager
+// does, running binary (the previous executable when empty) with the same
+// arguments and state directory.
+func (a *Agent) Start(binary string) {
+	a.t.Helper()
+	if !a.proc.exited() {
+		a.t.Fatalf("agent %s still runs", a.Host)
+	}
+	if binary != "" {
+		a.bin = binary
+	}
+	p, err := startProcess(a.bin, a.args, baseEnv(), a.log)
+	if err != nil {
+		a.t.Fatalf("start nixplane-agent again: %v", err)
+	}
+	a.proc = p
 }
 
 // Repo is the agent's clone of the fleet repository.
