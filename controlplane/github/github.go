@@ -189,6 +189,11 @@ type Poller struct {
 	prHead       string
 	health       Health
 	everReported bool
+	// recheck: GitHub had not computed the PR's mergeability yet.
+	recheck bool
+	// lockChange caches whether a PR head changes flake.lock, by
+	// "number@head"; it is rebuilt from the candidates of each poll.
+	lockChange map[string]bool
 }
 
 // New validates cfg and returns a poller; Run starts it.
@@ -253,14 +258,25 @@ func (p *Poller) Run(ctx context.Context) {
 	defer t.Stop()
 	for {
 		_, _ = p.Poll(ctx)
+		var soon <-chan time.Time
+		p.mu.Lock()
+		if p.recheck && p.cfg.Interval > RecheckAfter {
+			soon = time.After(RecheckAfter) // once per poll, not a hot loop
+		}
+		p.mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-soon:
 		case <-p.wake:
 		}
 	}
 }
+
+// RecheckAfter is how soon a PR whose mergeability GitHub was still
+// computing is looked at again.
+const RecheckAfter = 5 * time.Second
 
 // Wake asks Run to poll now.
 func (p *Poller) Wake() {
@@ -379,7 +395,7 @@ func (p *Poller) find(ctx context.Context) (*fleetv1.PendingPR, string, error) {
 		return b.GetNumber() - a.GetNumber()
 	})
 	for _, c := range candidates {
-		ok, err := p.changesLock(ctx, c.GetNumber())
+		ok, err := p.changesLock(ctx, c)
 		if err != nil {
 			return nil, "", err
 		}
@@ -390,13 +406,42 @@ func (p *Poller) find(ctx context.Context) (*fleetv1.PendingPR, string, error) {
 		if err != nil {
 			return nil, "", apiError(fmt.Sprintf("get pull request #%d", c.GetNumber()), err)
 		}
+		p.mu.Lock()
+		p.recheck = full.Mergeable == nil
+		p.mu.Unlock()
 		return pendingOf(full), full.GetHead().GetSHA(), nil
 	}
+	p.mu.Lock()
+	p.recheck = false
+	p.mu.Unlock()
 	return nil, "", nil
 }
 
-// changesLock reports whether PR number changes flake.lock.
-func (p *Poller) changesLock(ctx context.Context, number int) (bool, error) {
+// changesLock reports whether pr changes flake.lock; the answer is cached
+// per head commit.
+func (p *Poller) changesLock(ctx context.Context, pr *gh.PullRequest) (bool, error) {
+	key := fmt.Sprintf("%d@%s", pr.GetNumber(), pr.GetHead().GetSHA())
+	p.mu.Lock()
+	v, ok := p.lockChange[key]
+	p.mu.Unlock()
+	if ok && pr.GetHead().GetSHA() != "" {
+		return v, nil
+	}
+	v, err := p.listChangesLock(ctx, pr.GetNumber())
+	if err != nil {
+		return false, err
+	}
+	p.mu.Lock()
+	if p.lockChange == nil || len(p.lockChange) > 1000 {
+		p.lockChange = map[string]bool{}
+	}
+	p.lockChange[key] = v
+	p.mu.Unlock()
+	return v, nil
+}
+
+// listChangesLock asks GitHub whether PR number changes flake.lock.
+func (p *Poller) listChangesLock(ctx context.Context, number int) (bool, error) {
 	opt := &gh.ListOptions{PerPage: 100}
 	for page := 0; page < 30; page++ { // GitHub lists at most 3000 files
 		files, resp, err := p.client.PullRequests.ListFiles(ctx, p.owner, p.name, number, opt)
@@ -479,9 +524,22 @@ type MergeResult struct {
 func (p *Poller) Merge(ctx context.Context, number int32, actor string) (MergeResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
-	pr, _, err := p.client.PullRequests.Get(ctx, p.owner, p.name, int(number))
-	if err != nil {
-		return MergeResult{}, apiError(fmt.Sprintf("get pull request #%d", number), err)
+	var pr *gh.PullRequest
+	for attempt := 0; ; attempt++ {
+		var err error
+		pr, _, err = p.client.PullRequests.Get(ctx, p.owner, p.name, int(number))
+		if err != nil {
+			return MergeResult{}, apiError(fmt.Sprintf("get pull request #%d", number), err)
+		}
+		// GitHub computes mergeability in the background; ask again briefly.
+		if pr.Mergeable != nil || pr.GetState() != "open" || attempt == 3 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return MergeResult{}, apiError(fmt.Sprintf("get pull request #%d", number), ctx.Err())
+		case <-time.After(time.Second):
+		}
 	}
 	switch {
 	case pr.GetState() != "open":

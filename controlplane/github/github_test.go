@@ -354,3 +354,27 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		}
 	}
 }
+
+func TestPollerAsksForFilesOncePerHeadCommit(t *testing.T) {
+	f := newFixture(t)
+	f.commit("u", "main", map[string]string{"flake.lock": lock(2)}, "flake.lock: Update")
+	n := f.open(standin.PR{Title: "flake.lock: Update", Head: "u"})
+	p := f.poller(nil)
+	files := "GET /repos/acme/fleet/pulls/" + strconv.Itoa(n) + "/files"
+	for range 3 {
+		if pr, err := p.Poll(f.ctx); err != nil || pr.GetNumber() != int32(n) {
+			t.Fatalf("got %v, %v", pr, err)
+		}
+	}
+	if got := f.api.Requests(files); got != 1 {
+		t.Fatalf("files listed %d times for one head commit, want 1", got)
+	}
+	// A new push to the PR is looked at again.
+	f.commit("u", "u", map[string]string{"flake.lock": lock(3)}, "flake.lock: Update again")
+	if _, err := p.Poll(f.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.api.Requests(files); got != 2 {
+		t.Fatalf("files listed %d times after a push, want 2", got)
+	}
+}
