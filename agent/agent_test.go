@@ -676,7 +676,7 @@ func TestFailingHealthCheckRollsBack(t *testing.T) {
 	c := e.conn(1)
 	run(c, "h1", typesv1.CommandKind_COMMAND_KIND_SWITCH)
 	res := result(t, c, "h1")
-	if res.GetOutcome() != agentv1.Outcome_OUTCOME_FAILED || !strings.Contains(res.GetMessage(), "health check failed") || !strings.Contains(res.GetMessage(), "rolled back") {
+	if res.GetOutcome() != agentv1.Outcome_OUTCOME_FAILED || !strings.Contains(res.GetMessage(), "health check failed") || !strings.Contains(res.GetMessage(), "rolled back") || !strings.Contains(res.GetMessage(), "unhealthy") {
 		t.Fatalf("result = %v", res)
 	}
 	b, _ := os.ReadFile(filepath.Join(e.dir, "rebuild.log"))

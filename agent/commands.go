@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nixplane/nixplane/agent/executor"
@@ -230,13 +231,18 @@ func (a *agent) phase(r *running, name string, current, total uint32) {
 // run starts one process for r, streams its output and waits for it. It
 // refuses to start once r is stopped.
 func (a *agent) run(r *running, spec executor.Spec) error {
+	return a.runWith(r, spec, r.out.Line)
+}
+
+// runWith is run with another receiver of the output lines.
+func (a *agent) runWith(r *running, spec executor.Spec, lines executor.LineFunc) error {
 	a.mu.Lock()
 	if r.stopped {
 		a.mu.Unlock()
 		return errStopped
 	}
 	r.out.System("$ " + executor.Describe(spec))
-	p, err := executor.Start(spec, r.out.Line)
+	p, err := executor.Start(spec, lines)
 	if err != nil {
 		r.lastCode = 127
 		a.mu.Unlock()
@@ -401,13 +407,36 @@ func (a *agent) healthCheck(r *running) error {
 	a.phase(r, "health-check", 0, 0)
 	deadline := time.Now().Add(a.cfg.HealthCheckGrace)
 	for {
-		err := a.run(r, executor.Spec{Path: "/bin/sh", Args: []string{"-c", a.cfg.HealthCheckCommand}, Dir: a.repo.Dir})
+		// The check's last line says why it failed; it goes into the
+		// command's message, not only its log.
+		var (
+			mu     sync.Mutex
+			tapped string
+		)
+		tap := func(stream typesv1.OutputStream, text string) {
+			if t := strings.TrimSpace(text); t != "" {
+				mu.Lock()
+				tapped = t
+				mu.Unlock()
+			}
+			r.out.Line(stream, text)
+		}
+		err := a.runWith(r, executor.Spec{Path: "/bin/sh", Args: []string{"-c", a.cfg.HealthCheckCommand}, Dir: a.repo.Dir}, tap)
+		mu.Lock()
+		last := tapped
+		mu.Unlock()
 		if err == nil {
 			r.out.System("health check passed")
 			return nil
 		}
 		if errors.Is(err, errStopped) {
 			return err
+		}
+		if last != "" {
+			if len(last) > 200 {
+				last = last[:200] + "…"
+			}
+			err = fmt.Errorf("%w: %s", err, last)
 		}
 		if !time.Now().Before(deadline) {
 			r.out.System("health check still failing after " + a.cfg.HealthCheckGrace.String() + ": rolling back")

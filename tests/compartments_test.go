@@ -330,7 +330,7 @@ func TestHealthCheckAfterSwitch(t *testing.T) {
 		{"passes on the second try", `n=$(cat ../hc-count 2>/dev/null || echo 0); echo $((n+1)) > ../hc-count; test "$n" -ge 1 || { echo "service not up yet" >&2; exit 1; }`,
 			typesv1.CommandState_COMMAND_STATE_SUCCEEDED, "", false},
 		{"keeps failing", `echo "unhealthy: port 443 closed" >&2; exit 3`,
-			typesv1.CommandState_COMMAND_STATE_FAILED, "health check failed", true},
+			typesv1.CommandState_COMMAND_STATE_FAILED, "health check failed (sh exited with status 3: unhealthy: port 443 closed); rolled back", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
