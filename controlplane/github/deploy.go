@@ -36,8 +36,11 @@ type Merger interface {
 // first and alone, then batches — halting when failures pass the
 // threshold. It satisfies fleetapi.Deployer.
 type Deployer struct {
-	PRs      Merger
-	Hub      *hub.Hub
+	// PRs merges the pull request after the checks.
+	PRs Merger
+	// Hub knows the pending PR, the hosts and the fleet target.
+	Hub *hub.Hub
+	// Commands runs the deploy as a bulk run.
 	Commands *commands.Manager
 	// Target is refetched after the merge so hosts are judged against the
 	// merged commit; may be nil.

@@ -25,6 +25,8 @@ import (
 	"github.com/nixplane/nixplane/agent"
 	"github.com/nixplane/nixplane/controlplane"
 	"github.com/nixplane/nixplane/controlplane/auth"
+	"github.com/nixplane/nixplane/controlplane/fleetapi"
+	"github.com/nixplane/nixplane/controlplane/github"
 	"github.com/nixplane/nixplane/controlplane/github/standin"
 	"github.com/nixplane/nixplane/controlplane/store"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
@@ -32,6 +34,9 @@ import (
 )
 
 var quietLog = slog.New(slog.DiscardHandler)
+
+// The server installs a Deployer as the fleet API's.
+var _ fleetapi.Deployer = (*github.Deployer)(nil)
 
 const (
 	ghToken  = "ghp_e2e_token"

@@ -514,6 +514,7 @@ func apiError(what string, err error) error {
 
 // MergeResult is a merged PR.
 type MergeResult struct {
+	// Number is the merged PR's number.
 	Number int32
 	// SHA is the commit the base branch now points at.
 	SHA string

@@ -65,7 +65,7 @@ type Server struct {
 	prs   []*PR
 	next  int
 	fault func(*http.Request) (int, string)
-	// Requests counts the API requests served, by "METHOD path".
+	// requests counts the API requests served, by "METHOD path".
 	requests map[string]int
 }
 
