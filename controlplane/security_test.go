@@ -370,6 +370,21 @@ func TestSecurityHeaders(t *testing.T) {
 	t.Run("plain HTTP", func(t *testing.T) {
 		check(t, e, &http.Client{CheckRedirect: noRedirect}, "http://"+e.addr, false)
 	})
+	t.Run("behind a TLS proxy", func(t *testing.T) {
+		for _, trust := range []bool{false, true} {
+			pe := startSecEnvWith(t, nil, func(c *controlplane.Config) { c.TrustProxyHeaders = trust })
+			r, _ := http.NewRequest("GET", "http://"+pe.addr+"/login", nil)
+			r.Header.Set("X-Forwarded-Proto", "https")
+			resp, err := http.DefaultClient.Do(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if got := resp.Header.Get("Strict-Transport-Security") != ""; got != trust {
+				t.Errorf("X-Forwarded-Proto: https with trust %v: HSTS sent %v", trust, got)
+			}
+		}
+	})
 	t.Run("TLS", func(t *testing.T) {
 		certFile, keyFile, pool := selfSigned(t)
 		te := startSecEnvWith(t, nil, func(c *controlplane.Config) { c.TLSCert, c.TLSKey = certFile, keyFile })
