@@ -371,3 +371,39 @@ func TestHealthCheckAfterSwitch(t *testing.T) {
 		})
 	}
 }
+
+// TestTargetPollReachesWatchers: without any refresh, the server's own poll
+// of the fleet repository notices a pushed commit, and every watcher gets
+// each host's Git compartment turning outdated as a status change.
+func TestTargetPollReachesWatchers(t *testing.T) {
+	hosts := []string{"alpha", "beta"}
+	f := NewFleet(t, hosts...)
+	f.Write("flake.lock", flakeLock("1111111111111111111111111111111111111111"))
+	first := f.Commit("Lock nixpkgs")
+	s := StartServerWith(t, "--fleet-repo", f.Origin, "--target-poll", "1s")
+	for _, h := range hosts {
+		s.StartAgent(f, h, AgentOptions{})
+		s.WaitOnline(h)
+	}
+	for _, id := range hosts {
+		waitFor(t, stateTimeout, func() (bool, string) {
+			g, l := compartmentsOf(s.Host(id))
+			return g.GetStatus() == compOK && l.GetStatus() == compOK, fmt.Sprintf("%s: git %v, lock %v", id, g, l)
+		})
+	}
+	w := s.Watch(&fleetv1.WatchFleetRequest{})
+	from := w.Len()
+	f.Write("motd", "welcome\n")
+	second := f.Commit("motd: greet")
+	want := fmt.Sprintf("Behind remote (%s → %s): motd: greet", first[:7], second[:7])
+	for _, id := range hosts {
+		waitFor(t, stateTimeout, func() (bool, string) {
+			_, ok := w.Find(from, func(ev *fleetv1.FleetEvent) bool {
+				h := ev.GetHostStatusChanged().GetHost()
+				return h.GetHostId() == id && h.GetUpdateStatus().GetGit().GetMessage() == want &&
+					h.GetUpdateStatus().GetGit().GetStatus() == compOutdated
+			})
+			return ok, fmt.Sprintf("no status change of %s with git %q on the watch (stream error %v)", id, want, w.Err())
+		})
+	}
+}
