@@ -734,11 +734,16 @@ func (m *Manager) HandleHello(ctx context.Context, hostID string, hello *agentv1
 	if !awaiting {
 		return
 	}
+	m.mu.Lock()
 	if ok {
-		m.mu.Lock()
 		r.fresh = &j
-		m.mu.Unlock()
 	}
+	// The new agent computes its status now (a nix evaluation): give it the
+	// full post-validation wait from here, however long the restart took.
+	if until := m.now().Add(m.cfg.PostValidationWait); r.awaitStatusUntil.Before(until) {
+		r.awaitStatusUntil = until
+	}
+	m.mu.Unlock()
 	if conn := m.cfg.Hub.Conn(hostID); conn != nil {
 		if err := conn.Send(&agentv1.ConnectResponse{Msg: &agentv1.ConnectResponse_Refresh{Refresh: &agentv1.RefreshStatus{}}}); err != nil {
 			m.log.Warn("ask the reconnected agent for its status", "host", hostID, "err", err)

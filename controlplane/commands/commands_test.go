@@ -988,6 +988,7 @@ func TestFreshnessAfterSwitch(t *testing.T) {
 				if restart {
 					e = newEnvOn(t, e.st)
 				}
+				e.clock.Advance(80 * time.Second) // a slow restart, within ReconnectWait
 				if s := e.state(c.CommandId); s.State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION || s.Message != msgAwaitReconnect {
 					t.Fatalf("while the agent restarts: %v %q", s.State, s.Message)
 				}
@@ -997,6 +998,13 @@ func TestFreshnessAfterSwitch(t *testing.T) {
 				}
 				if f, _ := e.freshness("web-1"); f != tc.wantFresh {
 					t.Fatalf("freshness after the reconnect = %v, want %v", f, tc.wantFresh)
+				}
+				// The new agent's status check gets the whole post-validation
+				// wait, however long the restart took.
+				e.clock.Advance(50 * time.Second)
+				e.m.Tick(e.ctx)
+				if s := e.state(c.CommandId).State; s != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION {
+					t.Fatalf("while the new agent checks its system: %v", s)
 				}
 				e.m.HandleStatus(e.ctx, "web-1", &agentv1.StatusReport{Generation: hostGen, LockHash: hostLock,
 					System: &typesv1.SystemCheck{Status: typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK, Message: "current"}})
