@@ -160,7 +160,7 @@ func (h *Hub) recompute(lh *liveHost) {
 		in.UpdateStatus.System = lh.system
 	}
 	rec := proto.Clone(lh.rec).(*fleetv1.Host)
-	rec.UpdateStatus = status.Compute(status.Inputs{Host: in, Target: h.target, ServerVersion: h.cfg.ServerVersion, Running: lh.running, Now: h.now()})
+	rec.UpdateStatus = status.Compute(status.Inputs{Host: in, Target: h.target, PendingPR: h.pr, ServerVersion: h.cfg.ServerVersion, Running: lh.running, Now: h.now()})
 	rec.AgentOutdated = rec.AgentVersion != "" && h.cfg.ServerVersion != "" && rec.AgentVersion != h.cfg.ServerVersion
 	lh.rec = rec
 }
@@ -474,6 +474,12 @@ func (h *Hub) SetTarget(t *fleetv1.FleetTarget) {
 	}
 	h.target = t
 	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_TargetChanged{TargetChanged: &fleetv1.TargetChanged{Target: t}}})
+	h.recomputeAll()
+}
+
+// recomputeAll recomputes every host's compartments after a fleet-wide input
+// changed and publishes the ones that moved. Caller holds mu.
+func (h *Hub) recomputeAll() {
 	for _, lh := range h.hosts {
 		before := lh.rec.UpdateStatus
 		h.recompute(lh)
@@ -512,6 +518,7 @@ func (h *Hub) SetPendingPR(pr *fleetv1.PendingPR, configured bool) {
 	}
 	h.pr = pr
 	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_PendingPrChanged{PendingPrChanged: &fleetv1.PendingPRChanged{PendingPr: pr}}})
+	h.recomputeAll()
 }
 
 // PendingPR returns the pending PR (nil: none) and whether PRs are configured.

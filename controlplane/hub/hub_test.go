@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -841,5 +842,22 @@ func TestMeasuredSystemSurvivesACommand(t *testing.T) {
 	h, _ := th.Host("a")
 	if !proto.Equal(h.UpdateStatus.System, measured) {
 		t.Fatalf("system after the command = %v, want the measurement %v", h.UpdateStatus.System, measured)
+	}
+}
+
+// TestPendingPRChangesLockMessage: a new or merged PR recomputes every
+// host's Lock compartment.
+func TestPendingPRChangesLockMessage(t *testing.T) {
+	th := newTestHub(t, 0, "a", "b")
+	th.SetTarget(&fleetv1.FleetTarget{GitCommit: "aaaaaaa1", LockHash: "11", FetchedAt: timestamppb.New(th.clock.Now())})
+	th.SetPendingPR(&fleetv1.PendingPR{Number: 7, Title: "update flake"}, true)
+	for _, id := range []string{"a", "b"} {
+		if h, _ := th.Host(id); !strings.Contains(h.UpdateStatus.Lock.Message, "PR #7") {
+			t.Fatalf("%s lock = %q, want the pending PR named", id, h.UpdateStatus.Lock.Message)
+		}
+	}
+	th.SetPendingPR(nil, true)
+	if h, _ := th.Host("a"); strings.Contains(h.UpdateStatus.Lock.Message, "PR #") {
+		t.Fatalf("lock after the PR went = %q", h.UpdateStatus.Lock.Message)
 	}
 }

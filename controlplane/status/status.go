@@ -27,7 +27,10 @@ type Inputs struct {
 	ServerVersion string
 	// Running is the command running on the host, if any.
 	Running *fleetv1.Command
-	Now     time.Time
+	// PendingPR is the open flake-update pull request, if any; the Lock
+	// compartment names it.
+	PendingPR *fleetv1.PendingPR
+	Now       time.Time
 }
 
 func comp(s typesv1.CompartmentStatus, at time.Time, format string, args ...any) *typesv1.Compartment {
@@ -100,6 +103,9 @@ func Compute(in Inputs) *typesv1.UpdateStatus {
 		Lock:   lock(h, in.Target, targetAt),
 		System: system(h),
 		Tests:  tests(h),
+	}
+	if pr := in.PendingPR; pr != nil && us.Lock.Status != errored {
+		us.Lock.Message += fmt.Sprintf(" · update pending in PR #%d: %s", pr.Number, firstLine(pr.Title))
 	}
 	if in.Running != nil {
 		overlayWorking(us, in.Running, in.Now)
@@ -226,7 +232,7 @@ func overlayWorking(us *typesv1.UpdateStatus, c *fleetv1.Command, now time.Time)
 func firstLine(s string) string {
 	s, _, _ = strings.Cut(s, "\n")
 	if len(s) > 200 {
-		s = s[:200] + "…"
+		s = strings.ToValidUTF8(s[:200], "") + "…"
 	}
 	return s
 }

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -284,5 +285,37 @@ func TestSameCommitAndShort(t *testing.T) {
 	}
 	if Short(commitA) != "aaaaaaa" || Short("abc") != "abc" {
 		t.Error("Short")
+	}
+}
+
+// TestPendingPRInLock: an open flake-update PR is named in the Lock
+// compartment without changing its verdict; a broken target stays an error
+// without the note.
+func TestPendingPRInLock(t *testing.T) {
+	pr := &fleetv1.PendingPR{Number: 42, Title: "flake.lock: update nixpkgs\n\nbody"}
+	for _, tc := range []struct {
+		name string
+		host *fleetv1.Host
+		tg   *fleetv1.FleetTarget
+		want want
+	}{
+		{"current", host(nil), target(commitA, lockA), want{okk, "flake.lock is current · update pending in PR #42: flake.lock: update nixpkgs"}},
+		{"behind", host(nil), target(commitA, lockB), want{out, "· update pending in PR #42"}},
+		{"unknown", host(func(h *fleetv1.Host) { h.LockHash = "" }), target(commitA, lockA), want{unk, "PR #42"}},
+	} {
+		us := Compute(Inputs{Host: tc.host, Target: tc.tg, PendingPR: pr, Now: now})
+		check(t, tc.name, us.Lock, tc.want)
+		if strings.Contains(us.Lock.Message, "body") {
+			t.Errorf("%s: PR body leaked into %q", tc.name, us.Lock.Message)
+		}
+	}
+	us := Compute(Inputs{Host: host(nil), Target: target(commitA, ""), PendingPR: pr, Now: now})
+	if us.Lock.Status != bad || strings.Contains(us.Lock.Message, "PR #") {
+		t.Errorf("broken target lock = %v %q, want error without the PR note", us.Lock.Status, us.Lock.Message)
+	}
+	// Multi-byte titles are cut on a rune boundary.
+	long := &fleetv1.PendingPR{Number: 1, Title: strings.Repeat("é", 300)}
+	if m := Compute(Inputs{Host: host(nil), Target: target(commitA, lockA), PendingPR: long, Now: now}).Lock.Message; !utf8.ValidString(m) {
+		t.Errorf("cut title is not valid UTF-8: %q", m)
 	}
 }
