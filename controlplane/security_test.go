@@ -141,11 +141,10 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 	if e.whoami(t).TotpEnabled {
 		t.Fatal("a wrong code enabled TOTP")
 	}
-	now, err := totp.GenerateCode(begin.Secret, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if code, body := e.sessionREST(t, "POST", "/api/totp/enrollment/confirm", `{"code":"`+now+`"}`); code != 200 {
+	// Each accepted code must come from a later time step than the last
+	// (replay guard): confirm with the previous step's code, reboot with the
+	// current one, disable with the next one — all within the allowed skew.
+	if code, body := e.sessionREST(t, "POST", "/api/totp/enrollment/confirm", `{"code":"`+mustCode(t, begin.Secret, -30*time.Second)+`"}`); code != 200 {
 		t.Fatalf("confirm: %d %s", code, body)
 	}
 	if !e.whoami(t).TotpEnabled {
@@ -176,7 +175,7 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 	if status.Code(err) != codes.FailedPrecondition || blockReason(err) != fleetv1.BlockReason_BLOCK_REASON_TOTP_REQUIRED.String() {
 		t.Fatalf("gRPC reboot without a code: %v (reason %q)", err, blockReason(err))
 	}
-	code, body = e.sessionREST(t, "POST", "/api/hosts/m-1/commands", `{"command":"reboot","totp":"`+mustCode(t, begin.Secret)+`"}`)
+	code, body = e.sessionREST(t, "POST", "/api/hosts/m-1/commands", `{"command":"reboot","totp":"`+mustCode(t, begin.Secret, 0)+`"}`)
 	if code != 200 {
 		t.Fatalf("reboot with a fresh code: %d %s", code, body)
 	}
@@ -205,7 +204,7 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 	if code, body := e.sessionREST(t, "POST", "/api/totp/disable", `{"code":"`+wrongCode(t, begin.Secret)+`"}`); code != http.StatusBadRequest {
 		t.Fatalf("disable with a wrong code: %d %s", code, body)
 	}
-	if code, body := e.sessionREST(t, "POST", "/api/totp/disable", `{"code":"`+mustCode(t, begin.Secret)+`"}`); code != 200 {
+	if code, body := e.sessionREST(t, "POST", "/api/totp/disable", `{"code":"`+mustCode(t, begin.Secret, 30*time.Second)+`"}`); code != 200 {
 		t.Fatalf("disable: %d %s", code, body)
 	}
 	if e.whoami(t).TotpEnabled {
@@ -252,9 +251,10 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 	}
 }
 
-func mustCode(t *testing.T, secret string) string {
+// mustCode returns secret's code for the time step at now+offset.
+func mustCode(t *testing.T, secret string, offset time.Duration) string {
 	t.Helper()
-	c, err := totp.GenerateCode(secret, time.Now())
+	c, err := totp.GenerateCode(secret, time.Now().Add(offset))
 	if err != nil {
 		t.Fatal(err)
 	}

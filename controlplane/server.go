@@ -200,12 +200,14 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 	if err != nil {
 		return nil, fmt.Errorf("load commands: %w", err)
 	}
-	s.fleet = &fleetapi.Fleet{Hub: s.hub, Commands: s.cmds, Store: st, Log: cfg.Log, Target: s.target, OnResync: s.metrics.resync, Users: st}
+	// One replay guard for every place that checks one-time codes.
+	codes := &auth.OneTimeCodes{}
+	s.fleet = &fleetapi.Fleet{Hub: s.hub, Commands: s.cmds, Store: st, Log: cfg.Log, Target: s.target, OnResync: s.metrics.resync, Users: st, Codes: codes}
 	if err := s.setupGitHub(); err != nil {
 		return nil, err
 	}
 	s.authn = &auth.Authenticator{Stores: st, Policy: auth.DefaultPolicy(), AllowedOrigins: cfg.AllowedOrigins,
-		SessionIdle: cfg.SessionIdle, SessionMax: cfg.SessionMax, Log: cfg.Log}
+		SessionIdle: cfg.SessionIdle, SessionMax: cfg.SessionMax, Log: cfg.Log, Codes: codes}
 
 	s.grpc = grpc.NewServer(
 		grpc.WaitForHandlers(true),
@@ -216,7 +218,7 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 	agentv1.RegisterAgentServiceServer(s.grpc, &agentapi.Server{Hub: s.hub, Commands: s.cmds, Hosts: st, Refresh: s.fleet,
 		ServerVersion: cfg.Version, Metrics: s.metrics, Log: cfg.Log})
 	fleetv1.RegisterFleetServiceServer(s.grpc, s.fleet)
-	adminv1.RegisterAdminServiceServer(s.grpc, &fleetapi.Admin{Store: st})
+	adminv1.RegisterAdminServiceServer(s.grpc, &fleetapi.Admin{Store: st, Codes: codes})
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)

@@ -77,6 +77,10 @@ type Authenticator struct {
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	Log *slog.Logger
+	// Codes checks one-time codes at login; share it with every other
+	// place that checks codes so a code is accepted only once. Nil: codes
+	// are checked without replay protection.
+	Codes *OneTimeCodes
 }
 
 func (a *Authenticator) now() time.Time {

@@ -16,7 +16,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/pquerna/otp/totp"
 	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/time/rate"
 
@@ -174,7 +173,7 @@ func (s *Sessions) login(w http.ResponseWriter, r *http.Request) {
 		s.render(w, http.StatusUnauthorized, "Wrong user name or password.", user, next)
 		return
 	}
-	if u.TOTPSecret != "" && !totp.Validate(code, u.TOTPSecret) {
+	if u.TOTPSecret != "" && !s.Auth.Codes.Validate(u.Name, code, u.TOTPSecret) {
 		s.audit(r.Context(), user, "login", "Unauthenticated")
 		s.render(w, http.StatusUnauthorized, "Wrong or missing one-time code.", user, next)
 		return

@@ -53,6 +53,9 @@ const TOTPIssuer = "nixplane"
 type Admin struct {
 	adminv1.UnimplementedAdminServiceServer
 	Store AdminStore
+	// Codes checks one-time codes, each accepted once per user; shared with
+	// the login and destructive commands. Nil: no replay protection.
+	Codes *auth.OneTimeCodes
 
 	codes codeLimiter
 }
@@ -289,7 +292,7 @@ func (a *Admin) checkCode(user, code, secret string) error {
 	if !a.codes.allow(user) {
 		return status.Error(codes.ResourceExhausted, "too many one-time code attempts; wait a minute")
 	}
-	if !totp.Validate(code, secret) {
+	if !a.Codes.Validate(user, code, secret) {
 		return status.Error(codes.InvalidArgument, "wrong or expired one-time code")
 	}
 	return nil

@@ -13,7 +13,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/pquerna/otp/totp"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -56,6 +55,9 @@ type Fleet struct {
 	Target   TargetRefresher
 	// Users holds TOTP secrets for destructive commands; may be nil.
 	Users store.Users
+	// Codes checks one-time codes, each accepted once per user; shared with
+	// the login and TOTP enrolment. Nil: no replay protection.
+	Codes *auth.OneTimeCodes
 	// RefreshWait bounds how long RefreshHost waits for the agent (default 5s).
 	RefreshWait time.Duration
 	// Resyncs counts watchers that fell behind; may be nil.
@@ -283,7 +285,7 @@ func (f *Fleet) validTOTP(ctx context.Context, user, code string) bool {
 		return false
 	}
 	u, err := f.Users.GetUser(ctx, user)
-	return err == nil && u.TOTPSecret != "" && totp.Validate(code, u.TOTPSecret)
+	return err == nil && u.TOTPSecret != "" && f.Codes.Validate(user, code, u.TOTPSecret)
 }
 
 // StopCommand implements FleetService.
