@@ -8,7 +8,7 @@ VERSION ?= 0.1.0
 COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -X github.com/nixplane/nixplane/cmd/internal/buildinfo.Version=$(VERSION) -X github.com/nixplane/nixplane/cmd/internal/buildinfo.Commit=$(COMMIT)
 
-.PHONY: all build run demo test test-go test-web generate check-generated lint fuzz bench tools clean
+.PHONY: all build run demo test test-go test-web generate check-generated lint fuzz bench tools clean vendor-hash
 
 all: build
 
@@ -76,3 +76,9 @@ bench:
 
 clean:
 	rm -rf bin
+
+## vendor-hash: refresh nix/vendor-hash.txt after go.mod or go.sum change (needs nix)
+vendor-hash:
+	@tmp=$$(mktemp -d) && $(GO) mod vendor -o $$tmp/vendor && \
+		nix --extra-experimental-features nix-command hash path $$tmp/vendor > nix/vendor-hash.txt && \
+		rm -rf $$tmp && cat nix/vendor-hash.txt

@@ -336,3 +336,37 @@ func TestDarwinAndHomeManagerModules(t *testing.T) {
 		t.Errorf("home-manager ExecStart = %s", exe)
 	}
 }
+
+// TestVendorHashIsCurrent recomputes buildGoModule's vendorHash the way its
+// fixed-output derivation does (`go mod vendor`, then the NAR hash of the
+// directory) and fails when nix/vendor-hash.txt no longer matches go.mod and
+// go.sum: run `make vendor-hash`.
+func TestVendorHashIsCurrent(t *testing.T) {
+	nixBin, err := exec.LookPath("nix")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("nix not found (install Debian's nix-bin): %v", err)
+		}
+		t.Skip("nix not found; install nix-bin to check the vendor hash")
+	}
+	dir := filepath.Join(t.TempDir(), "vendor")
+	vendor := exec.Command("go", "mod", "vendor", "-o", dir)
+	vendor.Dir = ".."
+	if out, err := vendor.CombinedOutput(); err != nil {
+		t.Fatalf("go mod vendor: %v\n%s", err, out)
+	}
+	home := t.TempDir()
+	hash := exec.Command(nixBin, "--extra-experimental-features", "nix-command", "hash", "path", dir)
+	hash.Env = append(os.Environ(), "HOME="+home, "XDG_CACHE_HOME="+filepath.Join(home, "cache"))
+	out, err := hash.Output()
+	if err != nil {
+		t.Fatalf("nix hash path: %v", err)
+	}
+	b, err := os.ReadFile("vendor-hash.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, have := strings.TrimSpace(string(out)), strings.TrimSpace(string(b)); got != have {
+		t.Errorf("nix/vendor-hash.txt = %s, but the Go dependencies hash to %s: run 'make vendor-hash'", have, got)
+	}
+}
