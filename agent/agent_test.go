@@ -728,3 +728,20 @@ func TestConfigValidation(t *testing.T) {
 		t.Error("ParseHostType accepted windows")
 	}
 }
+
+// TestHealthCheckReasonIsCutOnARuneBoundary: a long last line of a failing
+// health check is shortened for the result's message without splitting a
+// character, so the result still travels (proto strings must be UTF-8).
+func TestHealthCheckReasonIsCutOnARuneBoundary(t *testing.T) {
+	e := newEnv(t, func(c *Config) {
+		c.HealthCheckCommand = "printf '" + strings.Repeat("€", 100) + "\\n' >&2; exit 1"
+		c.HealthCheckGrace = time.Millisecond
+	})
+	e.start()
+	c := e.conn(1)
+	run(c, "h2", typesv1.CommandKind_COMMAND_KIND_SWITCH)
+	res := result(t, c, "h2")
+	if res.GetOutcome() != agentv1.Outcome_OUTCOME_FAILED || !utf8.ValidString(res.GetMessage()) || !strings.Contains(res.GetMessage(), "€€€…") {
+		t.Fatalf("result = %v", res)
+	}
+}

@@ -434,7 +434,7 @@ func (a *agent) healthCheck(r *running) error {
 		}
 		if last != "" {
 			if len(last) > 200 {
-				last = last[:200] + "…"
+				last = strings.ToValidUTF8(last[:200], "") + "…" // never split a character
 			}
 			err = fmt.Errorf("%w: %s", err, last)
 		}
