@@ -261,7 +261,7 @@ func (f *Fleet) RefreshHost(ctx context.Context, req *fleetv1.RefreshHostRequest
 func (f *Fleet) RunCommand(ctx context.Context, req *fleetv1.RunCommandRequest) (*fleetv1.RunCommandResponse, error) {
 	id := auth.FromContext(ctx)
 	name := strings.ToLower(strings.TrimSpace(req.Command))
-	if (name == "reboot" || name == "rollback") && id != nil && id.TOTPEnabled {
+	if destructive(name) && id != nil && id.TOTPEnabled {
 		if req.Totp != "" && !f.codes.allow(id.Name) {
 			return nil, status.Error(codes.ResourceExhausted, "too many one-time code attempts; wait a minute")
 		}
@@ -278,6 +278,10 @@ func (f *Fleet) RunCommand(ctx context.Context, req *fleetv1.RunCommandRequest) 
 	}
 	return &fleetv1.RunCommandResponse{Command: c}, nil
 }
+
+// destructive reports whether a command needs a fresh one-time code from a
+// user who has TOTP set up.
+func destructive(name string) bool { return name == "reboot" || name == "rollback" }
 
 // validTOTP checks a fresh TOTP code of a user.
 func (f *Fleet) validTOTP(ctx context.Context, user, code string) bool {
@@ -471,6 +475,12 @@ func (f *Fleet) RunBulkCommand(ctx context.Context, req *fleetv1.RunBulkCommandR
 	name := strings.ToLower(strings.TrimSpace(req.Command))
 	if name == "merge-and-deploy" {
 		return nil, status.Error(codes.InvalidArgument, "use MergeAndDeploy for merge-and-deploy")
+	}
+	// A bulk run carries no one-time code: whoever needs one for reboot or
+	// rollback runs them host by host with it.
+	if id := auth.FromContext(ctx); destructive(name) && id != nil && id.TOTPEnabled {
+		return nil, f.toStatus(&commands.BlockedError{Reason: fleetv1.BlockReason_BLOCK_REASON_TOTP_REQUIRED,
+			Message: name + " needs a fresh one-time code, which a bulk run cannot carry; run it on each host with the code"})
 	}
 	b, err := f.Commands.RunBulk(ctx, commands.BulkSpec{Actor: auth.FromContext(ctx).Actor(), Command: name, HostIDs: ids,
 		Concurrency: int(req.Concurrency), Force: req.Force})
