@@ -520,8 +520,10 @@ type MergeResult struct {
 	SHA string
 }
 
-// Merge checks that PR number is still open, targets the base branch and
-// is mergeable, then merges exactly the head commit it checked.
+// Merge checks that PR number is still open, targets the base branch, is
+// the pending flake-update PR with the head commit the last poll checked,
+// and is mergeable; then it merges exactly that head commit (GitHub refuses
+// the merge if the head moves meanwhile).
 func (p *Poller) Merge(ctx context.Context, number int32, actor string) (MergeResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
@@ -542,16 +544,28 @@ func (p *Poller) Merge(ctx context.Context, number int32, actor string) (MergeRe
 		case <-time.After(time.Second):
 		}
 	}
+	// Only the head a poll checked (it changes flake.lock, it is what the
+	// operator was shown) is merged: a later push is checked first.
+	p.mu.Lock()
+	pending, checked := p.pr, p.prHead
+	p.mu.Unlock()
+	head := pr.GetHead().GetSHA()
 	switch {
 	case pr.GetState() != "open":
 		return MergeResult{}, fmt.Errorf("pull request #%d: %w: it is %s", number, ErrNotMergeable, pr.GetState())
 	case pr.GetBase().GetRef() != p.cfg.Base:
 		return MergeResult{}, fmt.Errorf("pull request #%d: %w: it targets %q, not the deployed branch %q", number, ErrNotMergeable, pr.GetBase().GetRef(), p.cfg.Base)
+	case pending == nil || pending.Number != number:
+		return MergeResult{}, fmt.Errorf("pull request #%d: %w: it is not the pending flake-update PR", number, ErrNotMergeable)
+	case head == "" || head != checked:
+		p.Wake()
+		return MergeResult{}, fmt.Errorf("pull request #%d: %w: its head moved to %s since it was checked at %s; it is being checked again, try once it shows",
+			number, ErrNotMergeable, shortSHA(head), shortSHA(checked))
 	case !pendingOf(pr).Mergeable:
 		return MergeResult{}, fmt.Errorf("pull request #%d: %w: GitHub says it is not mergeable (%s)", number, ErrNotMergeable, orUnknown(pr.GetMergeableState()))
 	}
 	res, _, err := p.client.PullRequests.Merge(ctx, p.owner, p.name, int(number), "Merged by "+actor+" with nixplane Merge & Deploy",
-		&gh.PullRequestOptions{SHA: pr.GetHead().GetSHA(), MergeMethod: p.cfg.MergeMethod})
+		&gh.PullRequestOptions{SHA: head, MergeMethod: p.cfg.MergeMethod})
 	if err != nil {
 		return MergeResult{}, apiError(fmt.Sprintf("merge pull request #%d", number), err)
 	}
@@ -561,6 +575,14 @@ func (p *Poller) Merge(ctx context.Context, number int32, actor string) (MergeRe
 	p.cfg.Log.Info("merged flake-update PR", "repo", p.cfg.Repo, "pr", number, "commit", res.GetSHA(), "actor", actor)
 	p.forget(number)
 	return MergeResult{Number: number, SHA: res.GetSHA()}, nil
+}
+
+// shortSHA abbreviates a commit id for messages.
+func shortSHA(s string) string {
+	if s == "" {
+		return "(none)"
+	}
+	return s[:min(len(s), 12)]
 }
 
 func orUnknown(s string) string {

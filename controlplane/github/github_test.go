@@ -378,3 +378,42 @@ func TestPollerAsksForFilesOncePerHeadCommit(t *testing.T) {
 		t.Fatalf("files listed %d times after a push, want 2", got)
 	}
 }
+
+// TestMergeRefusesAHeadThatMovedSinceTheCheck: a push to the PR after the
+// poll checked it (say, a file beside flake.lock) is not merged unseen; the
+// next poll checks the new head, and then it merges. A PR that is not the
+// pending flake update is never merged.
+func TestMergeRefusesAHeadThatMovedSinceTheCheck(t *testing.T) {
+	f := newFixture(t)
+	f.commit("u", "main", map[string]string{"flake.lock": lock(2)}, "flake.lock: Update")
+	n := f.open(standin.PR{Title: "flake.lock: Update", Head: "u"})
+	f.commit("docs", "main", map[string]string{"README.md": "docs\n"}, "docs")
+	other := f.open(standin.PR{Title: "docs: more", Head: "docs"})
+	p := f.poller(nil)
+	if pr, err := p.Poll(f.ctx); err != nil || pr.GetNumber() != int32(n) {
+		t.Fatalf("poll: %v, %v", pr, err)
+	}
+	before := f.api.Requests("PUT /repos/acme/fleet/pulls/" + strconv.Itoa(n) + "/merge")
+
+	if _, err := p.Merge(f.ctx, int32(other), "alice"); !errors.Is(err, ErrNotMergeable) || !strings.Contains(err.Error(), "not the pending") {
+		t.Fatalf("merge of another PR: err = %v, want ErrNotMergeable naming the pending PR", err)
+	}
+	f.commit("u", "u", map[string]string{"hosts/web/extra.nix": "{ }\n"}, "sneak in a change")
+	_, err := p.Merge(f.ctx, int32(n), "alice")
+	if !errors.Is(err, ErrNotMergeable) || !strings.Contains(err.Error(), "moved") {
+		t.Fatalf("merge after the head moved: err = %v, want ErrNotMergeable saying the head moved", err)
+	}
+	if got := f.api.Requests("PUT /repos/acme/fleet/pulls/" + strconv.Itoa(n) + "/merge"); got != before {
+		t.Fatalf("a merge was attempted for an unchecked head (%d requests)", got-before)
+	}
+	if out, err := exec.Command("git", "-C", f.origin, "show", "main:flake.lock").Output(); err != nil || string(out) != lock(1) {
+		t.Fatalf("main changed: %q %v", out, err)
+	}
+	// Checked again, the new head is the pending update and merges.
+	if _, err := p.Poll(f.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Merge(f.ctx, int32(n), "alice"); err != nil {
+		t.Fatalf("merge after a new check: %v", err)
+	}
+}
