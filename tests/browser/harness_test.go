@@ -44,7 +44,7 @@ type hostSpec struct {
 
 // fleet is a running server, its fleet repository and its agents.
 type fleet struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	dataDir string
 	origin  string
@@ -68,6 +68,9 @@ type fleetOptions struct {
 	commitMessage string
 	// noAgents registers the hosts but starts no agents.
 	noAgents bool
+	// bareHosts are registered in the store only: no repository files and
+	// no agent (for load tests with many hosts).
+	bareHosts []string
 }
 
 const rebuildScript = `#!/bin/sh
@@ -99,7 +102,7 @@ func writeFile(t testing.TB, path, body string, mode os.FileMode) {
 
 // newFleet creates the fleet repository, registers the hosts, starts the
 // server and (unless opts.noAgents) one agent per host.
-func newFleet(t *testing.T, hosts []hostSpec, opts fleetOptions) *fleet {
+func newFleet(t testing.TB, hosts []hostSpec, opts fleetOptions) *fleet {
 	t.Helper()
 	if _, err := exec.LookPath("git"); err != nil {
 		t.Skip("git is not installed")
@@ -155,6 +158,16 @@ func newFleet(t *testing.T, hosts []hostSpec, opts fleetOptions) *fleet {
 			t.Fatal(err)
 		}
 		f.hostToks[h.name] = htok
+	}
+	for _, name := range opts.bareHosts {
+		rec, _, err := fleetapi.NewHost(&fleetv1.AddHostRequest{Hostname: name, HostType: typesv1.HostType_HOST_TYPE_NIXOS,
+			Location: "cloud", DeviceType: "server"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.CreateHost(ctx, store.Host{ID: rec.HostId, Record: rec, CreatedAt: time.Now()}, auth.HashSecret(name+"-unused-token")); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := st.Close(); err != nil {
 		t.Fatal(err)
@@ -344,7 +357,7 @@ func (f *fleet) addHost(name, color string) {
 	f.mu.Unlock()
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -353,7 +366,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 // browser is one Chromium tab.
 type browser struct {
-	t   *testing.T
+	t   testing.TB
 	ctx context.Context
 
 	mu      sync.Mutex
@@ -361,7 +374,7 @@ type browser struct {
 }
 
 // newBrowser starts Chromium with a fresh profile at the given window size.
-func newBrowser(t *testing.T, width, height int) *browser {
+func newBrowser(t testing.TB, width, height int) *browser {
 	t.Helper()
 	if _, err := os.Stat(chromiumPath); err != nil {
 		if os.Getenv("NIXPLANE_REQUIRE_BROWSER") == "1" {

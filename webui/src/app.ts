@@ -25,7 +25,7 @@ import {
   type CompartmentName,
   type HostPatch,
 } from "./model";
-import { newView, renderHostView, RenderScheduler, type HostView } from "./render";
+import { newView, renderHostView, RenderScheduler, setOnScreen, type HostView } from "./render";
 import { Selection } from "./selection";
 import { GlobalStore, HostStore, ServerClock } from "./store";
 import { blockedDialog, confirmDialog, openMenu, showToast } from "./ui";
@@ -70,6 +70,11 @@ const scheduler = new RenderScheduler(
 
 /** hostStore is the single source of truth for host state. */
 export const hostStore = new HostStore((id, change) => {
+  if (change === "heartbeat") {
+    // Live data only: nothing page-wide changes (the online count does not).
+    scheduler.heartbeat(id);
+    return;
+  }
   if (change === "add") createViews(id);
   if (change === "remove") removeViews(id);
   scheduler.host(id);
@@ -107,19 +112,62 @@ function cloneTemplate(id: string): HTMLElement {
   return first.cloneNode(true) as HTMLElement;
 }
 
+/**
+ * Which host views are on screen (with a margin). Time-driven redraws (the
+ * once-a-second ages and stale looks) and the ripple only touch those; a
+ * view coming into sight is redrawn at once. Changes from events are drawn
+ * everywhere.
+ */
+const viewByRoot = new Map<Element, [string, HostView]>();
+const onScreen = new Map<string, number>();
+const sight = new IntersectionObserver(
+  (entries) => {
+    for (const e of entries) {
+      const found = viewByRoot.get(e.target);
+      if (!found) continue;
+      const [id, v] = found;
+      if (v.onScreen === e.isIntersecting) continue;
+      setOnScreen(v, e.isIntersecting);
+      const n = (onScreen.get(id) ?? 0) + (e.isIntersecting ? 1 : -1);
+      if (n > 0) onScreen.set(id, n);
+      else onScreen.delete(id);
+      if (e.isIntersecting) scheduler.host(id);
+    }
+  },
+  { rootMargin: "200px 0px" },
+);
+
+function watchViews(id: string, vs: HostView[]): void {
+  for (const v of vs) {
+    // Until the observer's first report, a view counts as off screen.
+    setOnScreen(v, false);
+    const root = v.root as unknown as HTMLElement;
+    viewByRoot.set(root, [id, v]);
+    sight.observe(root);
+  }
+}
+
 function createViews(id: string): void {
   if (views.has(id)) return;
   const row = cloneTemplate("tpl-host-row");
   const card = cloneTemplate("tpl-host-card");
   row.dataset.hostId = id;
   card.dataset.hostId = id;
-  views.set(id, [viewOf(row), viewOf(card)]);
+  const vs = [viewOf(row), viewOf(card)];
+  views.set(id, vs);
+  watchViews(id, vs);
   orderDirty = true;
 }
 
 function removeViews(id: string): void {
-  for (const v of views.get(id) ?? []) (v.root as unknown as HTMLElement).remove();
+  for (const v of views.get(id) ?? []) {
+    const root = v.root as unknown as HTMLElement;
+    sight.unobserve(root);
+    viewByRoot.delete(root);
+    root.remove();
+  }
   views.delete(id);
+  onScreen.delete(id);
   selection.forget(id);
 }
 
@@ -249,7 +297,9 @@ function hydrate(): void {
     const id = row.dataset.hostId ?? "";
     const card = cards.get(id);
     if (!id || !card) continue;
-    views.set(id, [viewOf(row), viewOf(card)]);
+    const vs = [viewOf(row), viewOf(card)];
+    views.set(id, vs);
+    watchViews(id, vs);
   }
   const snap = readSnapshot();
   hostStore.hydrate(snap);
@@ -759,9 +809,9 @@ window.addEventListener("pageshow", (e) => {
   if (e.persisted) startWatch();
 });
 
-// Last seen, stale looks and ages tick every second.
+// Last seen, stale looks and ages tick every second, for the hosts in sight.
 setInterval(() => {
-  scheduler.all();
+  for (const id of onScreen.keys()) scheduler.host(id);
   scheduler.global();
 }, 1000);
 

@@ -119,7 +119,8 @@ function apply(ev: unknown, s: Stores): boolean {
       if (lastSeen !== null) patch.lastSeen = lastSeen;
       const m = metricsFromProto(hb.metrics);
       if (m) patch.metrics = m;
-      return s.hosts.update(id, patch);
+      // A heartbeat that brings a host back online changes its state.
+      return s.hosts.update(id, patch, s.hosts.get(id)?.online ? "heartbeat" : "update");
     }
     case "hostOffline": {
       const id = hostIdOf(kind.value);

@@ -49,6 +49,12 @@ export interface HostView {
   prev: Map<string, string>;
   /** lastSeen of the last heartbeat shown, to restart the ripple on a new one. */
   beat: number | null;
+  /**
+   * The view is on screen (or near it). Only views on screen play the
+   * heartbeat ripple: with a thousand hosts, ripples nobody sees would keep
+   * the page drawing every frame.
+   */
+  onScreen: boolean;
 }
 
 /** The data-field names a HostView looks up. */
@@ -102,6 +108,7 @@ export function newView(
     comps,
     prev: new Map(),
     beat: null,
+    onScreen: true,
   };
 }
 
@@ -200,7 +207,7 @@ export function renderHostView(v: HostView, h: HostState, ctx: RenderContext): v
   if (status && h.online && h.lastSeen !== null && h.lastSeen !== v.beat) {
     const first = v.beat === null;
     v.beat = h.lastSeen;
-    if (!first) {
+    if (!first && v.onScreen) {
       const odd = !status.classList.contains("beat-a");
       status.classList.toggle("beat-a", odd);
       status.classList.toggle("beat-b", !odd);
@@ -276,26 +283,68 @@ export function renderHostView(v: HostView, h: HostState, ctx: RenderContext): v
   cls(v, "refresh", v.fields.refresh, "loading", h.refreshing);
 }
 
+/** Heartbeat-only changes are drawn at most this often (ms). */
+export const HEARTBEAT_RENDER_MS = 250;
+
+/** setOnScreen records whether a view is on screen; one leaving the screen stops its ripple. */
+export function setOnScreen(v: HostView, on: boolean): void {
+  v.onScreen = on;
+  const status = v.fields.status;
+  if (!on && status) {
+    status.classList.toggle("beat-a", false);
+    status.classList.toggle("beat-b", false);
+  }
+}
+
 /**
  * RenderScheduler coalesces render requests into one pass per animation
- * frame: a burst of heartbeats for one host renders it once.
+ * frame: a burst of heartbeats for one host renders it once. Heartbeats that
+ * change nothing but live data (metrics, last seen, the ripple) wait for a
+ * pass at most every HEARTBEAT_RENDER_MS: a big fleet's steady stream of
+ * heartbeats then costs a few frames a second instead of every frame, since
+ * each frame's style, layout and paint cost grows with the page, not with
+ * the number of hosts changed. Everything else is drawn in the next frame.
  */
 export class RenderScheduler {
   private dirty = new Set<string>();
   private everything = false;
   private globals = false;
   private scheduled = false;
+  private timer = false;
+  private lastFlush = Number.NEGATIVE_INFINITY;
 
   constructor(
     private readonly requestFrame: (cb: () => void) => void,
     private readonly flushHosts: (ids: Iterable<string>, all: boolean) => void,
     private readonly flushGlobal: () => void,
+    private readonly setTimer: (cb: () => void, ms: number) => void = (cb, ms) => void setTimeout(cb, ms),
+    private readonly now: () => number = () => performance.now(),
+    private readonly lazyMs = HEARTBEAT_RENDER_MS,
   ) {}
 
   /** host marks one host for the next frame. */
   host(id: string): void {
     this.dirty.add(id);
     this.schedule();
+  }
+
+  /**
+   * heartbeat marks one host whose live data changed: it is drawn with the
+   * next pass, which comes no later than HEARTBEAT_RENDER_MS after the last.
+   */
+  heartbeat(id: string): void {
+    this.dirty.add(id);
+    if (this.scheduled || this.timer) return;
+    const wait = this.lastFlush + this.lazyMs - this.now();
+    if (wait <= 0) {
+      this.schedule();
+      return;
+    }
+    this.timer = true;
+    this.setTimer(() => {
+      this.timer = false;
+      if (this.dirty.size > 0 || this.everything || this.globals) this.schedule();
+    }, wait);
   }
 
   /** all marks every host (a clock tick, a PR change). */
@@ -313,6 +362,7 @@ export class RenderScheduler {
   /** flush renders what is marked now. */
   flush(): void {
     this.scheduled = false;
+    this.lastFlush = this.now();
     const ids = this.dirty;
     const all = this.everything;
     const globals = this.globals;

@@ -16,8 +16,8 @@ import {
   type TargetState,
 } from "./model";
 
-/** What changed about a host. */
-export type HostChange = "update" | "add" | "remove";
+/** What changed about a host; "heartbeat" is live data only (metrics, last seen). */
+export type HostChange = "update" | "heartbeat" | "add" | "remove";
 
 /** HostListener hears every host change. */
 export type HostListener = (id: string, change: HostChange) => void;
@@ -63,13 +63,14 @@ export class HostStore {
 
   /**
    * update merges a patch into a known host (deep for metrics and
-   * updateStatus). An unknown host is ignored: it returns false.
+   * updateStatus). An unknown host is ignored: it returns false. change
+   * tells the listener whether only live data changed.
    */
-  update(id: string, patch: HostPatch): boolean {
+  update(id: string, patch: HostPatch, change: "update" | "heartbeat" = "update"): boolean {
     const cur = this.hosts.get(id);
     if (!cur) return false;
     this.hosts.set(id, mergeHost(cur, patch));
-    this.listener(id, "update");
+    this.listener(id, change);
     return true;
   }
 

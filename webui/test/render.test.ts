@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { hostFromProto, mergeHost, type HostState } from "../src/model";
-import { newView, renderHostView, RenderScheduler, type RenderContext } from "../src/render";
+import { HEARTBEAT_RENDER_MS, newView, renderHostView, RenderScheduler, type RenderContext } from "../src/render";
 import { fakeLayout, host, T0 } from "./helpers";
 
 const HOSTILE = `</script><img src=x onerror=alert(1)>`;
@@ -125,6 +125,48 @@ describe("RenderScheduler", () => {
     s.all();
     frames.shift()!();
     assert.deepEqual(passes[1], { ids: [], all: true });
+    assert.equal(frames.length, 0);
+  });
+
+  it("draws heartbeats at most every HEARTBEAT_RENDER_MS, other changes in the next frame", () => {
+    const frames: (() => void)[] = [];
+    const timers: { cb: () => void; ms: number }[] = [];
+    const passes: string[][] = [];
+    let now = 1000;
+    const s = new RenderScheduler(
+      (cb) => frames.push(cb),
+      (ids) => passes.push([...ids]),
+      () => {},
+      (cb, ms) => timers.push({ cb, ms }),
+      () => now,
+    );
+    // The first heartbeat after a quiet time is drawn in the next frame.
+    s.heartbeat("a");
+    assert.equal(frames.length, 1);
+    frames.shift()!();
+    assert.deepEqual(passes, [["a"]]);
+    // Heartbeats right after a pass wait for the throttle, coalesced.
+    now += 16;
+    s.heartbeat("b");
+    s.heartbeat("c");
+    s.heartbeat("b");
+    assert.equal(frames.length, 0, "no frame before the throttle ends");
+    assert.equal(timers.length, 1);
+    assert.equal(timers[0]!.ms, HEARTBEAT_RENDER_MS - 16);
+    now += HEARTBEAT_RENDER_MS;
+    timers.shift()!.cb();
+    assert.equal(frames.length, 1);
+    frames.shift()!();
+    assert.deepEqual(passes[1], ["b", "c"]);
+    // A state change is not held back, and takes waiting heartbeats along.
+    now += 10;
+    s.heartbeat("d");
+    s.host("e");
+    assert.equal(frames.length, 1);
+    frames.shift()!();
+    assert.deepEqual(passes[2], ["d", "e"]);
+    // The timer set for "d" finds nothing left to draw.
+    timers.shift()?.cb();
     assert.equal(frames.length, 0);
   });
 });

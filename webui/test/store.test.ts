@@ -102,6 +102,20 @@ describe("applyEvent", () => {
     assert.ok(changes.some(([id, c]) => id === "web-1" && c === "update"));
   });
 
+  it("tells the listener a heartbeat is live data only, unless it brings the host back", () => {
+    const { hosts, global, changes } = setup();
+    const hb = ev({ case: "hostHeartbeat", value: { hostId: "web-1", lastSeen: timestampFromMs(T0 + 5000) } });
+    applyEvent(hb, { hosts, global });
+    hosts.setOffline("web-2");
+    changes.length = 0;
+    applyEvent(ev({ case: "hostHeartbeat", value: { hostId: "web-2", lastSeen: timestampFromMs(T0 + 5000) } }), { hosts, global });
+    applyEvent(ev({ case: "hostHeartbeat", value: { hostId: "web-2", lastSeen: timestampFromMs(T0 + 6000) } }), { hosts, global });
+    assert.deepEqual(changes, [
+      ["web-2", "update"],
+      ["web-2", "heartbeat"],
+    ]);
+  });
+
   it("ignores a heartbeat for an unknown host", () => {
     const { hosts, global, changes } = setup();
     const ok = applyEvent(ev({ case: "hostHeartbeat", value: { hostId: "ghost", metrics: { cpuPercent: 1 } } }), { hosts, global });
