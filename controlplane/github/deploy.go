@@ -94,12 +94,18 @@ func (d *Deployer) MergeAndDeploy(ctx context.Context, actor string, req *fleetv
 	case pr.Number != req.PrNumber:
 		return nil, status.Errorf(codes.FailedPrecondition, "PR #%d is not the pending flake-update PR (#%d is)", req.PrNumber, pr.Number)
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
+	// Once asked, GitHub may merge whether or not the caller still waits:
+	// the merge (bounded by the poller's timeout) and the deploy run to
+	// the end even if the caller goes away, so main is never merged with
+	// nobody deploying it.
+	ctx = context.WithoutCancel(ctx)
 	res, err := d.PRs.Merge(ctx, req.PrNumber, actor)
 	if err != nil {
 		return nil, mergeStatus(err)
 	}
-	// Merged: from here on the deploy runs even if the caller goes away.
-	ctx = context.WithoutCancel(ctx)
 	d.awaitTarget(ctx, res.SHA)
 	b, err := d.Commands.RunBulk(ctx, commands.BulkSpec{Actor: actor, Command: "merge-and-deploy", HostIDs: pl.hosts, Batches: pl.batches,
 		MaxFailures: int(req.MaxFailures)})

@@ -504,3 +504,46 @@ func TestBadGitHubConfigStopsTheStart(t *testing.T) {
 		}
 	}
 }
+
+// TestMergeAndDeployOutlivesItsCaller: a caller that goes away while the
+// merge is under way does not cut it short; once GitHub merges, the hosts
+// are deployed all the same, never left behind a merged main.
+func TestMergeAndDeployOutlivesItsCaller(t *testing.T) {
+	w := newWorld(t, "solo")
+	w.start(w.config())
+	w.startAgent("solo", okRebuild)
+	w.waitOnline("solo")
+	w.waitPending(w.prNumber)
+	fc, ctx := w.fleet()
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	mergePath := "/repos/acme/fleet/pulls/" + strconv.Itoa(w.prNumber) + "/merge"
+	w.api.SetFault(func(r *http.Request) (int, string) {
+		if r.Method == http.MethodPut && r.URL.Path == mergePath {
+			cancel() // the caller gives up while GitHub merges
+			select {
+			case <-r.Context().Done(): // the server dropped the merge request
+			case <-time.After(2 * time.Second):
+			}
+		}
+		return 0, ""
+	})
+	// The caller sees its own cancellation; what matters is the server.
+	_, _ = fc.MergeAndDeploy(cctx, &fleetv1.MergeAndDeployRequest{PrNumber: int32(w.prNumber)})
+	waitFor(t, "the merge", func() (bool, string) {
+		parents := git(t, "-C", w.origin, "rev-list", "--parents", "-n1", "main")
+		return strings.Contains(parents, w.prHead), parents
+	})
+	waitFor(t, "the deploy to solo", func() (bool, string) {
+		r, err := fc.ListCommands(ctx, &fleetv1.ListCommandsRequest{HostId: "solo"})
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, c := range r.Commands {
+			if c.Command == "pull-switch" && c.BulkId != "" {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprint(r.Commands)
+	})
+}
