@@ -1,9 +1,11 @@
 package commands
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"google.golang.org/protobuf/proto"
@@ -15,6 +17,7 @@ import (
 
 // bulkRun is a command run on many hosts.
 type bulkRun struct {
+	seq  uint64 // creation order; never changes
 	mu   sync.Mutex
 	bulk *fleetv1.BulkCommand // replaced, never mutated once published
 }
@@ -24,6 +27,11 @@ func (b *bulkRun) snapshot() *fleetv1.BulkCommand {
 	defer b.mu.Unlock()
 	return b.bulk
 }
+
+// KeptBulks is how many ended bulk runs GetBulk still answers for; older
+// ones are forgotten (their commands stay in the store), so a long-running
+// server does not grow with every run. Running ones are always kept.
+const KeptBulks = 100
 
 // ErrBusy: a merge-and-deploy is running already.
 var ErrBusy = errors.New("a merge-and-deploy is running already")
@@ -79,6 +87,9 @@ func (m *Manager) RunBulk(ctx context.Context, spec BulkSpec) (*fleetv1.BulkComm
 		}
 		m.deploy = b
 	}
+	m.pruneBulksLocked()
+	m.bulkSeq++
+	b.seq = m.bulkSeq
 	m.bulks[b.bulk.BulkId] = b
 	m.mu.Unlock()
 	m.publishBulk(b)
@@ -196,7 +207,27 @@ func (m *Manager) runSteps(ctx context.Context, b *bulkRun, spec BulkSpec, hostI
 	return true
 }
 
-// GetBulk returns a bulk run of this server process.
+// pruneBulksLocked forgets the oldest ended bulk runs so that, with the
+// one about to be added, at most KeptBulks ended ones remain. Caller holds
+// m.mu (which may be held while taking a run's own lock).
+func (m *Manager) pruneBulksLocked() {
+	var done []*bulkRun
+	for _, b := range m.bulks {
+		if b.snapshot().State != fleetv1.BulkState_BULK_STATE_RUNNING {
+			done = append(done, b)
+		}
+	}
+	if len(done) < KeptBulks {
+		return
+	}
+	slices.SortFunc(done, func(a, b *bulkRun) int { return cmp.Compare(a.seq, b.seq) })
+	for _, b := range done[:len(done)-KeptBulks+1] {
+		delete(m.bulks, b.snapshot().BulkId)
+	}
+}
+
+// GetBulk returns a bulk run of this server process; ended runs are kept
+// for the latest KeptBulks.
 func (m *Manager) GetBulk(id string) (*fleetv1.BulkCommand, bool) {
 	m.mu.Lock()
 	b, ok := m.bulks[id]

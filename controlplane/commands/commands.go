@@ -108,6 +108,7 @@ type Manager struct {
 	byHost  map[string]*run // host id → its active command
 	waiters map[string][]chan struct{}
 	bulks   map[string]*bulkRun
+	bulkSeq uint64
 	deploy  *bulkRun // the running merge-and-deploy
 }
 

@@ -1270,3 +1270,44 @@ func TestTimeoutScale(t *testing.T) {
 		t.Fatalf("scaled switch timeout = %v, want 18s", d)
 	}
 }
+
+// TestEndedBulksAreForgotten: a long-running server keeps the latest ended
+// bulk runs, not all of them; a running one is never dropped.
+func TestEndedBulksAreForgotten(t *testing.T) {
+	e := newEnv(t, "a", "b") // a stays offline: its runs end at once
+	gate := make(chan struct{})
+	e.autoAgent("b", func(typesv1.CommandKind) *agentv1.CommandResult {
+		<-gate
+		return &agentv1.CommandResult{Outcome: agentv1.Outcome_OUTCOME_SUCCEEDED}
+	})
+	running, err := e.m.RunBulk(e.ctx, BulkSpec{Actor: "user:admin", Command: "refresh", HostIDs: []string{"b"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for range KeptBulks + 20 {
+		b, err := e.m.RunBulk(e.ctx, BulkSpec{Actor: "user:admin", Command: "refresh", HostIDs: []string{"a"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.waitBulk(b.BulkId)
+		ids = append(ids, b.BulkId)
+	}
+	e.m.mu.Lock()
+	n := len(e.m.bulks)
+	e.m.mu.Unlock()
+	if n > KeptBulks+1 {
+		t.Fatalf("%d bulk runs kept, want at most %d ended ones and the running one", n, KeptBulks)
+	}
+	if _, ok := e.m.GetBulk(ids[0]); ok {
+		t.Error("the oldest ended run is still kept")
+	}
+	if _, ok := e.m.GetBulk(ids[len(ids)-1]); !ok {
+		t.Error("the newest run was dropped")
+	}
+	if b, ok := e.m.GetBulk(running.BulkId); !ok || b.State != fleetv1.BulkState_BULK_STATE_RUNNING {
+		t.Errorf("the running bulk was dropped: %v", b)
+	}
+	close(gate)
+	e.waitBulk(running.BulkId)
+}
