@@ -16,6 +16,7 @@ import (
 
 	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/store"
+	"github.com/nixplane/nixplane/controlplane/validate"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
@@ -103,13 +104,9 @@ func auditFields(m proto.Message) (host, detail string) {
 			detail += v
 		}
 	}
-	if len(host) > 64 {
-		host = host[:64]
-	}
-	if len(detail) > 200 {
-		detail = detail[:200]
-	}
-	return host, detail
+	// Bounded between characters and without control characters: a cut
+	// rune would make every later listing of the audit log fail.
+	return validate.Printable(host, 64), validate.Printable(detail, 200)
 }
 
 // metrics are the Prometheus series the server exports at /metrics.

@@ -218,6 +218,9 @@ func Output(o *agentv1.CommandOutput) error {
 func Printable(s string, n int) string {
 	s = strings.ToValidUTF8(s, "\uFFFD")
 	if len(s) > n {
+		for n > 0 && !utf8.RuneStart(s[n]) {
+			n-- // cut between characters, never inside one
+		}
 		s = s[:n] + "…"
 	}
 	return strings.Map(func(r rune) rune {

@@ -143,6 +143,8 @@ func TestPrintable(t *testing.T) {
 		{"a\nb\x1b[31m", 64, "a?b?[31m"},
 		{"\xff", 64, "\uFFFD"},
 		{"abcdef", 3, "abc…"},
+		{"aé", 2, "a…"}, // never half a character
+		{"a€b", 3, "a…"},
 	} {
 		if got := Printable(tc.in, tc.n); got != tc.want {
 			t.Errorf("Printable(%q, %d) = %q, want %q", tc.in, tc.n, got, tc.want)
