@@ -6,6 +6,7 @@ import { create, fromJson } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { FleetService, SnapshotSchema, type Snapshot } from "./gen/nixplane/fleet/v1/fleet_pb";
+import { Account } from "./account";
 import { CommandTracker } from "./commands";
 import { blockReason, describeBlock, errorText } from "./errors";
 import { applyEvent, type BulkInfo } from "./events";
@@ -40,10 +41,8 @@ const csrfInterceptor: Interceptor = (next) => (req) => {
   req.header.set("x-csrf-token", CSRF_TOKEN);
   return next(req);
 };
-const client = createClient(
-  FleetService,
-  createGrpcWebTransport({ baseUrl: location.origin, interceptors: [csrfInterceptor] }),
-);
+const transport = createGrpcWebTransport({ baseUrl: location.origin, interceptors: [csrfInterceptor] });
+const client = createClient(FleetService, transport);
 
 function el<T extends HTMLElement = HTMLElement>(id: string): T {
   const e = document.getElementById(id);
@@ -817,3 +816,4 @@ setInterval(() => {
 
 hydrate();
 startWatch();
+void new Account(transport).load();
