@@ -2,6 +2,8 @@ package controlplane_test
 
 import (
 	"context"
+	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -37,5 +39,33 @@ func TestAuditKeepsLongFieldsReadable(t *testing.T) {
 	}
 	if got := strings.Join(actions, " "); got != "RunCommand RefreshHost" {
 		t.Fatalf("audit actions = %q, want both calls", got)
+	}
+}
+
+// TestLoginAuditKeepsTheLogReadable: a login attempt with a user name that
+// is not UTF-8 (anyone can post the login form) is audited readably.
+func TestLoginAuditKeepsTheLogReadable(t *testing.T) {
+	e := startSecEnv(t, nil)
+	form := url.Values{"username": {"\xffroot" + strings.Repeat("x", 60) + "é"}, "password": {"guess"}}
+	req, err := http.NewRequest(http.MethodPost, e.origin+"/login", strings.NewReader(form.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Origin", e.origin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("login: %d, want 401", resp.StatusCode)
+	}
+	evs, err := adminv1.NewAdminServiceClient(e.conn).ListAuditEvents(e.grpcCtx(context.Background(), credAdmin), &adminv1.ListAuditEventsRequest{Limit: 10})
+	if err != nil {
+		t.Fatalf("list audit events: %v", err)
+	}
+	if len(evs.Events) != 1 || evs.Events[0].Action != "login" || !strings.HasPrefix(evs.Events[0].Actor, "user:\uFFFDroot") {
+		t.Fatalf("audit = %v, want the refused login", evs.Events)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/nixplane/nixplane/controlplane/store"
+	"github.com/nixplane/nixplane/controlplane/validate"
 )
 
 // AdminUser is the user created on first start.
@@ -227,16 +228,9 @@ func (s *Sessions) audit(ctx context.Context, user, action, result string) {
 	if s.Audit == nil {
 		return
 	}
-	if err := s.Audit.AppendAudit(ctx, store.AuditEvent{Time: time.Now(), Actor: "user:" + truncate(user, 64), Action: action, Result: result}); err != nil {
+	if err := s.Audit.AppendAudit(ctx, store.AuditEvent{Time: time.Now(), Actor: "user:" + validate.Printable(user, 64), Action: action, Result: result}); err != nil {
 		s.logger().Warn("audit", "err", err)
 	}
-}
-
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
-	}
-	return s
 }
 
 var dummyHash, _ = bcrypt.GenerateFromPassword([]byte("nixplane-dummy-password"), bcrypt.DefaultCost)

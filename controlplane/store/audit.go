@@ -13,6 +13,11 @@ func (s *SQLite) AppendAudit(ctx context.Context, e AuditEvent) error {
 	if e.Action == "" {
 		return errors.New("store: append audit: empty action")
 	}
+	// The fields come from callers (a login form's user name): stored as
+	// valid UTF-8, or the API could never list them again.
+	for _, f := range []*string{&e.Actor, &e.Action, &e.HostID, &e.Result, &e.Detail} {
+		*f = strings.ToValidUTF8(*f, "\uFFFD")
+	}
 	_, err := s.w.ExecContext(ctx,
 		`INSERT INTO audit (time, actor, action, host_id, result, detail) VALUES (?, ?, ?, ?, ?, ?)`,
 		s.orNow(e.Time).UnixMilli(), e.Actor, e.Action, e.HostID, e.Result, e.Detail)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -388,5 +389,24 @@ func TestAuditAndSettings(t *testing.T) {
 		if err != nil || v != want {
 			t.Errorf("GetSetting(%s) = %q, %v; want %q", k, v, err, want)
 		}
+	}
+}
+
+// TestAuditIsAlwaysUTF8: whatever bytes a caller put in an event, it is
+// read back as valid UTF-8 (the API could not send it otherwise).
+func TestAuditIsAlwaysUTF8(t *testing.T) {
+	s := openTemp(t)
+	ctx := t.Context()
+	wantErr(t, s.AppendAudit(ctx, AuditEvent{Actor: "user:\xffroot", Action: "login\xc3", HostID: "h\xe2\x82", Result: "ok", Detail: "d\xff"}), nil)
+	evs, err := s.ListAudit(ctx, "", 0, 0)
+	wantErr(t, err, nil)
+	e := evs[0]
+	for _, f := range []string{e.Actor, e.Action, e.HostID, e.Result, e.Detail} {
+		if !utf8.ValidString(f) {
+			t.Fatalf("invalid UTF-8 read back: %+v", e)
+		}
+	}
+	if e.Actor != "user:\uFFFDroot" {
+		t.Fatalf("actor = %q", e.Actor)
 	}
 }
