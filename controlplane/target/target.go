@@ -26,6 +26,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/nixplane/nixplane/controlplane/validate"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
@@ -230,10 +231,9 @@ func (p *Poller) git(ctx context.Context, args ...string) ([]byte, error) {
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if len(msg) > 300 {
-			msg = msg[:300]
-		}
+		// Bounded, between characters and as UTF-8: it becomes the
+		// target's error, sent to every page.
+		msg := validate.Printable(strings.TrimSpace(stderr.String()), 300)
 		return nil, fmt.Errorf("git %s: %v: %s", args[0], err, msg)
 	}
 	return out, nil
@@ -257,7 +257,7 @@ func (p *Poller) fetchRepo(ctx context.Context) (*fleetv1.FleetTarget, error) {
 	t := &fleetv1.FleetTarget{GitCommit: commit, Branch: p.cfg.Branch}
 	if out, err := p.git(ctx, "-C", dir, "log", "-1", "--format=%ct%x00%s", commit); err == nil {
 		ts, msg, _ := strings.Cut(strings.TrimSpace(string(out)), "\x00")
-		t.Message = msg
+		t.Message = strings.ToValidUTF8(msg, "\uFFFD") // git keeps other encodings as they are
 		if n, err := strconv.ParseInt(ts, 10, 64); err == nil {
 			t.CommittedAt = timestamppb.New(time.Unix(n, 0))
 		}

@@ -1,11 +1,20 @@
 package target
 
 import (
+	"context"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"google.golang.org/protobuf/proto"
+
+	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
 func TestParseVersionJSON(t *testing.T) {
@@ -73,4 +82,48 @@ func FuzzParseVersionJSON(f *testing.F) {
 			t.Fatalf("accepted message of %d bytes", len(got.Message))
 		}
 	})
+}
+
+// TestTargetTextIsUTF8: a commit message in another encoding and a long
+// git error naming a non-ASCII path reach the target as valid UTF-8, so
+// every page and watcher can still be sent the target.
+func TestTargetTextIsUTF8(t *testing.T) {
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "fleet.git")
+	run := func(stdin string, args ...string) string {
+		t.Helper()
+		cmd := exec.Command("git", args...)
+		cmd.Stdin = strings.NewReader(stdin)
+		cmd.Env = append(os.Environ(), "GIT_AUTHOR_NAME=t", "GIT_AUTHOR_EMAIL=t@x", "GIT_COMMITTER_NAME=t", "GIT_COMMITTER_EMAIL=t@x")
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("git %v: %v", args, err)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	run("", "init", "--quiet", "--bare", "--initial-branch=main", origin)
+	tree := run("", "-C", origin, "mktree")
+	commit := run("Caf\xe9 au lait: latin-1 bytes\n", "-C", origin, "commit-tree", tree)
+	run("", "-C", origin, "update-ref", "refs/heads/main", commit)
+
+	var got []*fleetv1.FleetTarget
+	fetch := func(repo string) *fleetv1.FleetTarget {
+		p := NewPoller(Config{RepoURL: repo, MirrorDir: filepath.Join(t.TempDir(), "mirror"), Log: slog.New(slog.DiscardHandler),
+			OnChange: func(tg *fleetv1.FleetTarget) { got = append(got, tg) }})
+		p.Refetch(context.Background())
+		if len(got) == 0 {
+			t.Fatal("no target published")
+		}
+		tg := got[len(got)-1]
+		if _, err := proto.Marshal(tg); err != nil {
+			t.Fatalf("target %q cannot be sent: %v", tg, err)
+		}
+		return tg
+	}
+	if tg := fetch(origin); tg.GitCommit != commit || !strings.HasPrefix(tg.Message, "Caf") {
+		t.Fatalf("target = %v", tg)
+	}
+	if tg := fetch(filepath.Join(dir, strings.Repeat("é", 200))); tg.Error == "" {
+		t.Fatalf("a missing repository gave no error: %v", tg)
+	}
 }
