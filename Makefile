@@ -70,9 +70,9 @@ fuzz:
 			echo "fuzz ./$$dir $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $${FUZZTIME:-10s} ./$$dir || exit 1; \
 		done; done
 
-## bench: the hot-path benchmarks
+## bench: the hot-path benchmarks (BENCH=regexp to pick; see docs/PERFORMANCE.md for the load generator)
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./controlplane/... ./agent/...
+	$(GO) test -run '^$$' -bench '$(or $(BENCH),.)' -benchmem -timeout 30m ./controlplane/... ./agent/...
 
 clean:
 	rm -rf bin
