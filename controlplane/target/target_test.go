@@ -127,3 +127,25 @@ func TestTargetTextIsUTF8(t *testing.T) {
 		t.Fatalf("a missing repository gave no error: %v", tg)
 	}
 }
+
+// TestTargetHidesURLCredentials: a password or token in the repository or
+// version.json URL never reaches readers through the target's source or
+// error.
+func TestTargetHidesURLCredentials(t *testing.T) {
+	for _, cfg := range []Config{
+		{RepoURL: "https://ci:s3cret-token@127.0.0.1:1/acme/fleet.git"},
+		{VersionURL: "http://ci:s3cret-token@127.0.0.1:1/version.json"},
+	} {
+		cfg.MirrorDir = filepath.Join(t.TempDir(), "mirror")
+		cfg.Log = slog.New(slog.DiscardHandler)
+		var tg *fleetv1.FleetTarget
+		cfg.OnChange = func(x *fleetv1.FleetTarget) { tg = x }
+		NewPoller(cfg).Refetch(context.Background())
+		if tg == nil || tg.Error == "" || tg.Source == "" {
+			t.Fatalf("target = %v, want an error and a source", tg)
+		}
+		if strings.Contains(tg.Source+tg.Error, "s3cret") {
+			t.Fatalf("the credential leaked: source %q, error %q", tg.Source, tg.Error)
+		}
+	}
+}
