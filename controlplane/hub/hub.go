@@ -27,6 +27,7 @@ import (
 
 	"github.com/nixplane/nixplane/controlplane/status"
 	"github.com/nixplane/nixplane/controlplane/store"
+	"github.com/nixplane/nixplane/controlplane/validate"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
@@ -272,7 +273,7 @@ func applyHello(rec *fleetv1.Host, hl *agentv1.Hello, prev *fleetv1.Host) {
 	rec.Generation = hl.Generation
 	rec.GenerationMessage = hl.GenerationMessage
 	rec.LockHash = hl.LockHash
-	rec.RepoUrl = hl.RepoUrl
+	rec.RepoUrl = validate.RedactURL(hl.RepoUrl) // shown to every reader
 	if hl.Location != "" {
 		rec.Location = hl.Location
 	}

@@ -861,3 +861,19 @@ func TestPendingPRChangesLockMessage(t *testing.T) {
 		t.Fatalf("lock after the PR went = %q", h.UpdateStatus.Lock.Message)
 	}
 }
+
+// TestRepoURLCredentialsAreHidden: an agent cloning with a token in its
+// repository URL does not show that token to every reader of the host.
+func TestRepoURLCredentialsAreHidden(t *testing.T) {
+	th := newTestHub(t, 0, "a")
+	_, rec, err := th.Connect("a", &agentv1.Hello{Hostname: "a", RepoUrl: "https://oauth2:ghp_s3cret@github.com/acme/fleet.git"}, &recSender{}, func(error) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, _ := th.Host("a")
+	for _, got := range []string{rec.GetRepoUrl(), h.RepoUrl} {
+		if strings.Contains(got, "s3cret") || !strings.Contains(got, "github.com/acme/fleet.git") {
+			t.Fatalf("repo URL = %q, want it without the token", got)
+		}
+	}
+}

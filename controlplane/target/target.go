@@ -16,7 +16,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
 	"os"
 	"os/exec"
 	"regexp"
@@ -124,14 +123,14 @@ func (p *Poller) fetchAndPublish(ctx context.Context) {
 	}
 	t.FetchedAt = timestamppb.Now()
 	if p.cfg.VersionURL != "" {
-		t.Source = redactURL(p.cfg.VersionURL)
+		t.Source = validate.RedactURL(p.cfg.VersionURL)
 	} else {
-		t.Source = redactURL(p.cfg.RepoURL)
+		t.Source = validate.RedactURL(p.cfg.RepoURL)
 	}
 	if t.Error != "" {
 		for _, raw := range []string{p.cfg.VersionURL, p.cfg.RepoURL} {
 			if raw != "" {
-				t.Error = strings.ReplaceAll(t.Error, raw, redactURL(raw))
+				t.Error = strings.ReplaceAll(t.Error, raw, validate.RedactURL(raw))
 			}
 		}
 	}
@@ -139,21 +138,6 @@ func (p *Poller) fetchAndPublish(ctx context.Context) {
 	if p.cfg.OnChange != nil {
 		p.cfg.OnChange(t)
 	}
-}
-
-// redactURL hides the password (or token) of a URL: the target's source
-// is shown to every reader.
-func redactURL(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil || u.User == nil {
-		return raw
-	}
-	if _, has := u.User.Password(); !has && (u.Scheme == "http" || u.Scheme == "https") {
-		// https://TOKEN@host/…: the user name is the secret (an ssh
-		// user name is not).
-		u.User = url.User("xxxxx")
-	}
-	return u.Redacted()
 }
 
 // Fetch returns the target once.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/url"
 	"regexp"
 	"strings"
 	"unicode/utf8"
@@ -242,4 +243,21 @@ func APITokenName(name string) error {
 		}
 	}
 	return nil
+}
+
+// RedactURL hides the password (or token) of a URL meant for readers: a
+// fleet repository cloned over HTTPS often carries one
+// (https://oauth2:TOKEN@host/…, https://TOKEN@host/…). Other strings (ssh
+// and scp-like addresses, paths) are returned as they are.
+func RedactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil || u.User == nil {
+		return raw
+	}
+	if _, has := u.User.Password(); !has && (u.Scheme == "http" || u.Scheme == "https") {
+		// https://TOKEN@host/…: the user name is the secret (an ssh
+		// user name is not).
+		u.User = url.User("xxxxx")
+	}
+	return u.Redacted()
 }
