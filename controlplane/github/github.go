@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -235,6 +236,10 @@ func New(cfg Config) (*Poller, error) {
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			return nil, fmt.Errorf("GitHub API URL %q is not an http(s) URL", cfg.APIURL)
 		}
+		if u.Scheme == "http" && !loopback(u.Hostname()) {
+			// The token would cross the network readable by anyone on the way.
+			return nil, fmt.Errorf("GitHub API URL %q: use https (plain http only to this machine)", cfg.APIURL)
+		}
 		base := cfg.APIURL
 		if !strings.HasSuffix(base, "/") {
 			base += "/"
@@ -247,6 +252,15 @@ func New(cfg Config) (*Poller, error) {
 	}
 	owner, name, _ := strings.Cut(cfg.Repo, "/")
 	return &Poller{cfg: cfg, owner: owner, name: name, client: client, wake: make(chan struct{}, 1)}, nil
+}
+
+// loopback reports whether host names this machine.
+func loopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // Repo returns "owner/name".

@@ -344,13 +344,20 @@ func TestReadToken(t *testing.T) {
 
 func TestNewRejectsBadConfig(t *testing.T) {
 	for name, cfg := range map[string]Config{
-		"repo":   {Repo: "no-slash", Token: "t"},
-		"token":  {Repo: "a/b"},
-		"url":    {Repo: "a/b", Token: "t", APIURL: "ftp://x"},
-		"method": {Repo: "a/b", Token: "t", MergeMethod: "octopus"},
+		"repo":  {Repo: "no-slash", Token: "t"},
+		"token": {Repo: "a/b"},
+		"url":   {Repo: "a/b", Token: "t", APIURL: "ftp://x"},
+		// The token must not cross a network in clear text.
+		"plain http": {Repo: "a/b", Token: "t", APIURL: "http://github.example.com/api/v3/"},
+		"method":     {Repo: "a/b", Token: "t", MergeMethod: "octopus"},
 	} {
 		if _, err := New(cfg); err == nil {
 			t.Errorf("%s: no error", name)
+		}
+	}
+	for _, u := range []string{"https://github.example.com/api/v3/", "http://127.0.0.1:8081", "http://localhost:1/", "http://[::1]:2"} {
+		if _, err := New(Config{Repo: "a/b", Token: "t", APIURL: u}); err != nil {
+			t.Errorf("%s: %v", u, err)
 		}
 	}
 }
