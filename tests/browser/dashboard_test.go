@@ -173,6 +173,8 @@ func TestRecoversAfterServerRestart(t *testing.T) {
 	evalT[bool](b, `window.__noReload = true`)
 	f.stopServer()
 	b.waitFor("stream lost", `document.querySelector("#connection-state").dataset.state !== "open"`)
+	// The footer tells how long until the next attempt, and which attempt.
+	b.waitFor("the footer's reconnect countdown", `document.querySelector("#connection-state").dataset.state === "reconnecting" && /^Disconnected — reconnecting in \d+s \(attempt [1-9]\d*\)$/.test(document.querySelector("#connection-state").textContent)`)
 	f.restartServer()
 	b.waitOpen()
 	// Data flows again: a host's heartbeat ripple flips after the restart.

@@ -81,6 +81,27 @@ const heartbeatFeedJS = `(() => {
   } catch (e) { console.warn("performance observers unavailable", e); }
 })();`
 
+// injectFeed makes the page's WatchFleet stream the in-page feed, which
+// starts with the given snapshot frame. Call it before the page loads.
+func injectFeed(b *browser, snapshot []byte) {
+	b.t.Helper()
+	if _, err := chromedp.Call(b.timeout(waitLong), page.AddScriptToEvaluateOnNewDocument,
+		page.AddScriptToEvaluateOnNewDocumentParams{Source: heartbeatFeedJS + "\nwindow.__feed.setSnapshot(" + js(base64.StdEncoding.EncodeToString(snapshot)) + ");"}); err != nil {
+		b.t.Fatalf("inject the stream feed: %v", err)
+	}
+}
+
+// feedEvents sends events to the page through the injected feed, as one
+// network chunk.
+func feedEvents(b *browser, evs ...*fleetv1.FleetEvent) {
+	b.t.Helper()
+	var chunk []byte
+	for _, ev := range evs {
+		chunk = append(chunk, grpcWebFrame(&fleetv1.WatchFleetResponse{Events: []*fleetv1.FleetEvent{ev}})...)
+	}
+	evalT[bool](b, `(__feed.enqueue(Uint8Array.from(atob(`+js(base64.StdEncoding.EncodeToString(chunk))+`), (c) => c.charCodeAt(0))), true)`)
+}
+
 // grpcWebFrame frames one message as a grpc-web data frame.
 func grpcWebFrame(m proto.Message) []byte {
 	b, err := proto.Marshal(m)
@@ -223,10 +244,7 @@ func runHeartbeatLoad(tb testing.TB, cfg heartbeatLoad) loadResult {
 	}
 
 	b := newBrowser(tb, cfg.viewport[0], cfg.viewport[1])
-	if _, err := chromedp.Call(b.timeout(waitLong), page.AddScriptToEvaluateOnNewDocument,
-		page.AddScriptToEvaluateOnNewDocumentParams{Source: heartbeatFeedJS + "\nwindow.__feed.setSnapshot(" + js(base64.StdEncoding.EncodeToString(snap)) + ");"}); err != nil {
-		tb.Fatalf("inject the stream feed: %v", err)
-	}
+	injectFeed(b, snap)
 	if _, err := chromedp.Call(b.timeout(waitLong), performance.Enable, performance.EnableParams{}); err != nil {
 		tb.Fatalf("Performance.enable: %v", err)
 	}
