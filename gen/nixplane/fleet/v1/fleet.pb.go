@@ -794,8 +794,12 @@ type Snapshot struct {
 	ActiveCommands []*Command `protobuf:"bytes,6,rep,name=active_commands,json=activeCommands,proto3" json:"active_commands,omitempty"`
 	// PR support is configured.
 	PullRequestsConfigured bool `protobuf:"varint,7,opt,name=pull_requests_configured,json=pullRequestsConfigured,proto3" json:"pull_requests_configured,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// Why the last look for pull requests failed; empty when it worked.
+	PullRequestsError string `protobuf:"bytes,8,opt,name=pull_requests_error,json=pullRequestsError,proto3" json:"pull_requests_error,omitempty"`
+	// When pull requests were last looked for successfully.
+	PullRequestsCheckedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=pull_requests_checked_at,json=pullRequestsCheckedAt,proto3" json:"pull_requests_checked_at,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
@@ -875,6 +879,20 @@ func (x *Snapshot) GetPullRequestsConfigured() bool {
 		return x.PullRequestsConfigured
 	}
 	return false
+}
+
+func (x *Snapshot) GetPullRequestsError() string {
+	if x != nil {
+		return x.PullRequestsError
+	}
+	return ""
+}
+
+func (x *Snapshot) GetPullRequestsCheckedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PullRequestsCheckedAt
+	}
+	return nil
 }
 
 // HostHeartbeat is live data only: online, last seen, metrics.
@@ -1355,9 +1373,14 @@ func (x *CommandComplete) GetCommand() *Command {
 type PendingPRChanged struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Absent when no PR is pending.
-	PendingPr     *PendingPR `protobuf:"bytes,1,opt,name=pending_pr,json=pendingPr,proto3" json:"pending_pr,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PendingPr *PendingPR `protobuf:"bytes,1,opt,name=pending_pr,json=pendingPr,proto3" json:"pending_pr,omitempty"`
+	// Why the last look for pull requests failed; empty when it worked. The
+	// last known PR is kept while looking fails.
+	PullRequestsError string `protobuf:"bytes,2,opt,name=pull_requests_error,json=pullRequestsError,proto3" json:"pull_requests_error,omitempty"`
+	// When pull requests were last looked for successfully.
+	PullRequestsCheckedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=pull_requests_checked_at,json=pullRequestsCheckedAt,proto3" json:"pull_requests_checked_at,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *PendingPRChanged) Reset() {
@@ -1393,6 +1416,20 @@ func (*PendingPRChanged) Descriptor() ([]byte, []int) {
 func (x *PendingPRChanged) GetPendingPr() *PendingPR {
 	if x != nil {
 		return x.PendingPr
+	}
+	return nil
+}
+
+func (x *PendingPRChanged) GetPullRequestsError() string {
+	if x != nil {
+		return x.PullRequestsError
+	}
+	return ""
+}
+
+func (x *PendingPRChanged) GetPullRequestsCheckedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PullRequestsCheckedAt
 	}
 	return nil
 }
@@ -3213,13 +3250,16 @@ type BulkCommand struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	BulkId string                 `protobuf:"bytes,1,opt,name=bulk_id,json=bulkId,proto3" json:"bulk_id,omitempty"`
 	// The command, or "merge-and-deploy".
-	Command       string                 `protobuf:"bytes,2,opt,name=command,proto3" json:"command,omitempty"`
-	State         BulkState              `protobuf:"varint,3,opt,name=state,proto3,enum=nixplane.fleet.v1.BulkState" json:"state,omitempty"`
-	Results       []*BulkHostResult      `protobuf:"bytes,4,rep,name=results,proto3" json:"results,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	FinishedAt    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
-	Actor         string                 `protobuf:"bytes,7,opt,name=actor,proto3" json:"actor,omitempty"`
-	Message       string                 `protobuf:"bytes,8,opt,name=message,proto3" json:"message,omitempty"`
+	Command    string                 `protobuf:"bytes,2,opt,name=command,proto3" json:"command,omitempty"`
+	State      BulkState              `protobuf:"varint,3,opt,name=state,proto3,enum=nixplane.fleet.v1.BulkState" json:"state,omitempty"`
+	Results    []*BulkHostResult      `protobuf:"bytes,4,rep,name=results,proto3" json:"results,omitempty"`
+	CreatedAt  *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	FinishedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
+	Actor      string                 `protobuf:"bytes,7,opt,name=actor,proto3" json:"actor,omitempty"`
+	Message    string                 `protobuf:"bytes,8,opt,name=message,proto3" json:"message,omitempty"`
+	// For merge-and-deploy: the merged PR and the commit deployed.
+	PrNumber      int32  `protobuf:"varint,9,opt,name=pr_number,json=prNumber,proto3" json:"pr_number,omitempty"`
+	Commit        string `protobuf:"bytes,10,opt,name=commit,proto3" json:"commit,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3306,6 +3346,20 @@ func (x *BulkCommand) GetActor() string {
 func (x *BulkCommand) GetMessage() string {
 	if x != nil {
 		return x.Message
+	}
+	return ""
+}
+
+func (x *BulkCommand) GetPrNumber() int32 {
+	if x != nil {
+		return x.PrNumber
+	}
+	return 0
+}
+
+func (x *BulkCommand) GetCommit() string {
+	if x != nil {
+		return x.Commit
 	}
 	return ""
 }
@@ -3569,8 +3623,12 @@ type GetFleetTargetResponse struct {
 	Target                 *FleetTarget           `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
 	PendingPr              *PendingPR             `protobuf:"bytes,2,opt,name=pending_pr,json=pendingPr,proto3" json:"pending_pr,omitempty"`
 	PullRequestsConfigured bool                   `protobuf:"varint,3,opt,name=pull_requests_configured,json=pullRequestsConfigured,proto3" json:"pull_requests_configured,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// Why the last look for pull requests failed; empty when it worked.
+	PullRequestsError string `protobuf:"bytes,4,opt,name=pull_requests_error,json=pullRequestsError,proto3" json:"pull_requests_error,omitempty"`
+	// When pull requests were last looked for successfully.
+	PullRequestsCheckedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=pull_requests_checked_at,json=pullRequestsCheckedAt,proto3" json:"pull_requests_checked_at,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *GetFleetTargetResponse) Reset() {
@@ -3622,6 +3680,20 @@ func (x *GetFleetTargetResponse) GetPullRequestsConfigured() bool {
 		return x.PullRequestsConfigured
 	}
 	return false
+}
+
+func (x *GetFleetTargetResponse) GetPullRequestsError() string {
+	if x != nil {
+		return x.PullRequestsError
+	}
+	return ""
+}
+
+func (x *GetFleetTargetResponse) GetPullRequestsCheckedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PullRequestsCheckedAt
+	}
+	return nil
 }
 
 // MergeAndDeployRequest chooses the hosts and the batch policy.
@@ -3832,7 +3904,7 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\x03url\x18\x03 \x01(\tR\x03url\x129\n" +
 	"\n" +
 	"updated_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1c\n" +
-	"\tmergeable\x18\x05 \x01(\bR\tmergeable\"\xec\x02\n" +
+	"\tmergeable\x18\x05 \x01(\bR\tmergeable\"\xf1\x03\n" +
 	"\bSnapshot\x12-\n" +
 	"\x05hosts\x18\x01 \x03(\v2\x17.nixplane.fleet.v1.HostR\x05hosts\x126\n" +
 	"\x06target\x18\x02 \x01(\v2\x1e.nixplane.fleet.v1.FleetTargetR\x06target\x12;\n" +
@@ -3841,7 +3913,9 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\x0eserver_version\x18\x04 \x01(\tR\rserverVersion\x12\x16\n" +
 	"\x06resync\x18\x05 \x01(\bR\x06resync\x12C\n" +
 	"\x0factive_commands\x18\x06 \x03(\v2\x1a.nixplane.fleet.v1.CommandR\x0eactiveCommands\x128\n" +
-	"\x18pull_requests_configured\x18\a \x01(\bR\x16pullRequestsConfigured\"\xfa\x01\n" +
+	"\x18pull_requests_configured\x18\a \x01(\bR\x16pullRequestsConfigured\x12.\n" +
+	"\x13pull_requests_error\x18\b \x01(\tR\x11pullRequestsError\x12S\n" +
+	"\x18pull_requests_checked_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x15pullRequestsCheckedAt\"\xfa\x01\n" +
 	"\rHostHeartbeat\x12\x17\n" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x127\n" +
 	"\tlast_seen\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\x124\n" +
@@ -3868,10 +3942,12 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\ahost_id\x18\x02 \x01(\tR\x06hostId\x123\n" +
 	"\x05lines\x18\x03 \x03(\v2\x1d.nixplane.types.v1.OutputLineR\x05lines\"G\n" +
 	"\x0fCommandComplete\x124\n" +
-	"\acommand\x18\x01 \x01(\v2\x1a.nixplane.fleet.v1.CommandR\acommand\"O\n" +
+	"\acommand\x18\x01 \x01(\v2\x1a.nixplane.fleet.v1.CommandR\acommand\"\xd4\x01\n" +
 	"\x10PendingPRChanged\x12;\n" +
 	"\n" +
-	"pending_pr\x18\x01 \x01(\v2\x1c.nixplane.fleet.v1.PendingPRR\tpendingPr\"G\n" +
+	"pending_pr\x18\x01 \x01(\v2\x1c.nixplane.fleet.v1.PendingPRR\tpendingPr\x12.\n" +
+	"\x13pull_requests_error\x18\x02 \x01(\tR\x11pullRequestsError\x12S\n" +
+	"\x18pull_requests_checked_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x15pullRequestsCheckedAt\"G\n" +
 	"\rTargetChanged\x126\n" +
 	"\x06target\x18\x01 \x01(\v2\x1e.nixplane.fleet.v1.FleetTargetR\x06target\"B\n" +
 	"\fBulkProgress\x122\n" +
@@ -3987,7 +4063,7 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x124\n" +
 	"\acommand\x18\x02 \x01(\v2\x1a.nixplane.fleet.v1.CommandR\acommand\x12!\n" +
 	"\fblock_reason\x18\x03 \x01(\tR\vblockReason\x12\x18\n" +
-	"\amessage\x18\x04 \x01(\tR\amessage\"\xd9\x02\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\"\x8e\x03\n" +
 	"\vBulkCommand\x12\x17\n" +
 	"\abulk_id\x18\x01 \x01(\tR\x06bulkId\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\tR\acommand\x122\n" +
@@ -3998,7 +4074,10 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\vfinished_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"finishedAt\x12\x14\n" +
 	"\x05actor\x18\a \x01(\tR\x05actor\x12\x18\n" +
-	"\amessage\x18\b \x01(\tR\amessage\"\x96\x01\n" +
+	"\amessage\x18\b \x01(\tR\amessage\x12\x1b\n" +
+	"\tpr_number\x18\t \x01(\x05R\bprNumber\x12\x16\n" +
+	"\x06commit\x18\n" +
+	" \x01(\tR\x06commit\"\x96\x01\n" +
 	"\x15RunBulkCommandRequest\x12\x18\n" +
 	"\acommand\x18\x01 \x01(\tR\acommand\x12\x19\n" +
 	"\bhost_ids\x18\x02 \x03(\tR\ahostIds\x12\x10\n" +
@@ -4011,12 +4090,14 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\abulk_id\x18\x01 \x01(\tR\x06bulkId\"L\n" +
 	"\x16GetBulkCommandResponse\x122\n" +
 	"\x04bulk\x18\x01 \x01(\v2\x1e.nixplane.fleet.v1.BulkCommandR\x04bulk\"\x17\n" +
-	"\x15GetFleetTargetRequest\"\xc7\x01\n" +
+	"\x15GetFleetTargetRequest\"\xcc\x02\n" +
 	"\x16GetFleetTargetResponse\x126\n" +
 	"\x06target\x18\x01 \x01(\v2\x1e.nixplane.fleet.v1.FleetTargetR\x06target\x12;\n" +
 	"\n" +
 	"pending_pr\x18\x02 \x01(\v2\x1c.nixplane.fleet.v1.PendingPRR\tpendingPr\x128\n" +
-	"\x18pull_requests_configured\x18\x03 \x01(\bR\x16pullRequestsConfigured\"\xb9\x01\n" +
+	"\x18pull_requests_configured\x18\x03 \x01(\bR\x16pullRequestsConfigured\x12.\n" +
+	"\x13pull_requests_error\x18\x04 \x01(\tR\x11pullRequestsError\x12S\n" +
+	"\x18pull_requests_checked_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x15pullRequestsCheckedAt\"\xb9\x01\n" +
 	"\x15MergeAndDeployRequest\x12\x1b\n" +
 	"\tpr_number\x18\x01 \x01(\x05R\bprNumber\x12\x19\n" +
 	"\bhost_ids\x18\x02 \x03(\tR\ahostIds\x12&\n" +
@@ -4167,97 +4248,100 @@ var file_nixplane_fleet_v1_fleet_proto_depIdxs = []int32{
 	4,  // 17: nixplane.fleet.v1.Snapshot.target:type_name -> nixplane.fleet.v1.FleetTarget
 	5,  // 18: nixplane.fleet.v1.Snapshot.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
 	3,  // 19: nixplane.fleet.v1.Snapshot.active_commands:type_name -> nixplane.fleet.v1.Command
-	57, // 20: nixplane.fleet.v1.HostHeartbeat.last_seen:type_name -> google.protobuf.Timestamp
-	58, // 21: nixplane.fleet.v1.HostHeartbeat.metrics:type_name -> nixplane.types.v1.Metrics
-	57, // 22: nixplane.fleet.v1.HostHeartbeat.sent_at:type_name -> google.protobuf.Timestamp
-	57, // 23: nixplane.fleet.v1.HostOffline.last_seen:type_name -> google.protobuf.Timestamp
-	2,  // 24: nixplane.fleet.v1.HostRegistered.host:type_name -> nixplane.fleet.v1.Host
-	2,  // 25: nixplane.fleet.v1.HostStatusChanged.host:type_name -> nixplane.fleet.v1.Host
-	3,  // 26: nixplane.fleet.v1.CommandQueued.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 27: nixplane.fleet.v1.CommandUpdated.command:type_name -> nixplane.fleet.v1.Command
-	64, // 28: nixplane.fleet.v1.CommandOutput.lines:type_name -> nixplane.types.v1.OutputLine
-	3,  // 29: nixplane.fleet.v1.CommandComplete.command:type_name -> nixplane.fleet.v1.Command
-	5,  // 30: nixplane.fleet.v1.PendingPRChanged.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
-	4,  // 31: nixplane.fleet.v1.TargetChanged.target:type_name -> nixplane.fleet.v1.FleetTarget
-	47, // 32: nixplane.fleet.v1.BulkProgress.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	6,  // 33: nixplane.fleet.v1.FleetEvent.snapshot:type_name -> nixplane.fleet.v1.Snapshot
-	7,  // 34: nixplane.fleet.v1.FleetEvent.host_heartbeat:type_name -> nixplane.fleet.v1.HostHeartbeat
-	8,  // 35: nixplane.fleet.v1.FleetEvent.host_offline:type_name -> nixplane.fleet.v1.HostOffline
-	9,  // 36: nixplane.fleet.v1.FleetEvent.host_registered:type_name -> nixplane.fleet.v1.HostRegistered
-	10, // 37: nixplane.fleet.v1.FleetEvent.host_removed:type_name -> nixplane.fleet.v1.HostRemoved
-	11, // 38: nixplane.fleet.v1.FleetEvent.host_status_changed:type_name -> nixplane.fleet.v1.HostStatusChanged
-	12, // 39: nixplane.fleet.v1.FleetEvent.command_queued:type_name -> nixplane.fleet.v1.CommandQueued
-	13, // 40: nixplane.fleet.v1.FleetEvent.command_updated:type_name -> nixplane.fleet.v1.CommandUpdated
-	14, // 41: nixplane.fleet.v1.FleetEvent.command_output:type_name -> nixplane.fleet.v1.CommandOutput
-	15, // 42: nixplane.fleet.v1.FleetEvent.command_complete:type_name -> nixplane.fleet.v1.CommandComplete
-	16, // 43: nixplane.fleet.v1.FleetEvent.pending_pr_changed:type_name -> nixplane.fleet.v1.PendingPRChanged
-	17, // 44: nixplane.fleet.v1.FleetEvent.target_changed:type_name -> nixplane.fleet.v1.TargetChanged
-	18, // 45: nixplane.fleet.v1.FleetEvent.bulk_progress:type_name -> nixplane.fleet.v1.BulkProgress
-	2,  // 46: nixplane.fleet.v1.ListHostsResponse.hosts:type_name -> nixplane.fleet.v1.Host
-	2,  // 47: nixplane.fleet.v1.GetHostResponse.host:type_name -> nixplane.fleet.v1.Host
-	19, // 48: nixplane.fleet.v1.WatchFleetResponse.events:type_name -> nixplane.fleet.v1.FleetEvent
-	61, // 49: nixplane.fleet.v1.RefreshHostResponse.update_status:type_name -> nixplane.types.v1.UpdateStatus
-	5,  // 50: nixplane.fleet.v1.RefreshHostResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
-	2,  // 51: nixplane.fleet.v1.RefreshHostResponse.host:type_name -> nixplane.fleet.v1.Host
-	3,  // 52: nixplane.fleet.v1.RunCommandResponse.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 53: nixplane.fleet.v1.StopCommandResponse.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 54: nixplane.fleet.v1.GetCommandResponse.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 55: nixplane.fleet.v1.ListCommandsResponse.commands:type_name -> nixplane.fleet.v1.Command
-	3,  // 56: nixplane.fleet.v1.GetCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
-	64, // 57: nixplane.fleet.v1.GetCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
-	64, // 58: nixplane.fleet.v1.FollowCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
-	3,  // 59: nixplane.fleet.v1.FollowCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
-	56, // 60: nixplane.fleet.v1.AddHostRequest.host_type:type_name -> nixplane.types.v1.HostType
-	2,  // 61: nixplane.fleet.v1.AddHostResponse.host:type_name -> nixplane.fleet.v1.Host
-	3,  // 62: nixplane.fleet.v1.BulkHostResult.command:type_name -> nixplane.fleet.v1.Command
-	1,  // 63: nixplane.fleet.v1.BulkCommand.state:type_name -> nixplane.fleet.v1.BulkState
-	46, // 64: nixplane.fleet.v1.BulkCommand.results:type_name -> nixplane.fleet.v1.BulkHostResult
-	57, // 65: nixplane.fleet.v1.BulkCommand.created_at:type_name -> google.protobuf.Timestamp
-	57, // 66: nixplane.fleet.v1.BulkCommand.finished_at:type_name -> google.protobuf.Timestamp
-	47, // 67: nixplane.fleet.v1.RunBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	47, // 68: nixplane.fleet.v1.GetBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	4,  // 69: nixplane.fleet.v1.GetFleetTargetResponse.target:type_name -> nixplane.fleet.v1.FleetTarget
-	5,  // 70: nixplane.fleet.v1.GetFleetTargetResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
-	47, // 71: nixplane.fleet.v1.MergeAndDeployResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	20, // 72: nixplane.fleet.v1.FleetService.ListHosts:input_type -> nixplane.fleet.v1.ListHostsRequest
-	22, // 73: nixplane.fleet.v1.FleetService.GetHost:input_type -> nixplane.fleet.v1.GetHostRequest
-	24, // 74: nixplane.fleet.v1.FleetService.WatchFleet:input_type -> nixplane.fleet.v1.WatchFleetRequest
-	26, // 75: nixplane.fleet.v1.FleetService.RefreshHost:input_type -> nixplane.fleet.v1.RefreshHostRequest
-	28, // 76: nixplane.fleet.v1.FleetService.RunCommand:input_type -> nixplane.fleet.v1.RunCommandRequest
-	30, // 77: nixplane.fleet.v1.FleetService.StopCommand:input_type -> nixplane.fleet.v1.StopCommandRequest
-	32, // 78: nixplane.fleet.v1.FleetService.GetCommand:input_type -> nixplane.fleet.v1.GetCommandRequest
-	34, // 79: nixplane.fleet.v1.FleetService.ListCommands:input_type -> nixplane.fleet.v1.ListCommandsRequest
-	36, // 80: nixplane.fleet.v1.FleetService.GetCommandLog:input_type -> nixplane.fleet.v1.GetCommandLogRequest
-	38, // 81: nixplane.fleet.v1.FleetService.FollowCommandLog:input_type -> nixplane.fleet.v1.FollowCommandLogRequest
-	40, // 82: nixplane.fleet.v1.FleetService.AddHost:input_type -> nixplane.fleet.v1.AddHostRequest
-	42, // 83: nixplane.fleet.v1.FleetService.RemoveHost:input_type -> nixplane.fleet.v1.RemoveHostRequest
-	44, // 84: nixplane.fleet.v1.FleetService.RotateHostToken:input_type -> nixplane.fleet.v1.RotateHostTokenRequest
-	48, // 85: nixplane.fleet.v1.FleetService.RunBulkCommand:input_type -> nixplane.fleet.v1.RunBulkCommandRequest
-	50, // 86: nixplane.fleet.v1.FleetService.GetBulkCommand:input_type -> nixplane.fleet.v1.GetBulkCommandRequest
-	52, // 87: nixplane.fleet.v1.FleetService.GetFleetTarget:input_type -> nixplane.fleet.v1.GetFleetTargetRequest
-	54, // 88: nixplane.fleet.v1.FleetService.MergeAndDeploy:input_type -> nixplane.fleet.v1.MergeAndDeployRequest
-	21, // 89: nixplane.fleet.v1.FleetService.ListHosts:output_type -> nixplane.fleet.v1.ListHostsResponse
-	23, // 90: nixplane.fleet.v1.FleetService.GetHost:output_type -> nixplane.fleet.v1.GetHostResponse
-	25, // 91: nixplane.fleet.v1.FleetService.WatchFleet:output_type -> nixplane.fleet.v1.WatchFleetResponse
-	27, // 92: nixplane.fleet.v1.FleetService.RefreshHost:output_type -> nixplane.fleet.v1.RefreshHostResponse
-	29, // 93: nixplane.fleet.v1.FleetService.RunCommand:output_type -> nixplane.fleet.v1.RunCommandResponse
-	31, // 94: nixplane.fleet.v1.FleetService.StopCommand:output_type -> nixplane.fleet.v1.StopCommandResponse
-	33, // 95: nixplane.fleet.v1.FleetService.GetCommand:output_type -> nixplane.fleet.v1.GetCommandResponse
-	35, // 96: nixplane.fleet.v1.FleetService.ListCommands:output_type -> nixplane.fleet.v1.ListCommandsResponse
-	37, // 97: nixplane.fleet.v1.FleetService.GetCommandLog:output_type -> nixplane.fleet.v1.GetCommandLogResponse
-	39, // 98: nixplane.fleet.v1.FleetService.FollowCommandLog:output_type -> nixplane.fleet.v1.FollowCommandLogResponse
-	41, // 99: nixplane.fleet.v1.FleetService.AddHost:output_type -> nixplane.fleet.v1.AddHostResponse
-	43, // 100: nixplane.fleet.v1.FleetService.RemoveHost:output_type -> nixplane.fleet.v1.RemoveHostResponse
-	45, // 101: nixplane.fleet.v1.FleetService.RotateHostToken:output_type -> nixplane.fleet.v1.RotateHostTokenResponse
-	49, // 102: nixplane.fleet.v1.FleetService.RunBulkCommand:output_type -> nixplane.fleet.v1.RunBulkCommandResponse
-	51, // 103: nixplane.fleet.v1.FleetService.GetBulkCommand:output_type -> nixplane.fleet.v1.GetBulkCommandResponse
-	53, // 104: nixplane.fleet.v1.FleetService.GetFleetTarget:output_type -> nixplane.fleet.v1.GetFleetTargetResponse
-	55, // 105: nixplane.fleet.v1.FleetService.MergeAndDeploy:output_type -> nixplane.fleet.v1.MergeAndDeployResponse
-	89, // [89:106] is the sub-list for method output_type
-	72, // [72:89] is the sub-list for method input_type
-	72, // [72:72] is the sub-list for extension type_name
-	72, // [72:72] is the sub-list for extension extendee
-	0,  // [0:72] is the sub-list for field type_name
+	57, // 20: nixplane.fleet.v1.Snapshot.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
+	57, // 21: nixplane.fleet.v1.HostHeartbeat.last_seen:type_name -> google.protobuf.Timestamp
+	58, // 22: nixplane.fleet.v1.HostHeartbeat.metrics:type_name -> nixplane.types.v1.Metrics
+	57, // 23: nixplane.fleet.v1.HostHeartbeat.sent_at:type_name -> google.protobuf.Timestamp
+	57, // 24: nixplane.fleet.v1.HostOffline.last_seen:type_name -> google.protobuf.Timestamp
+	2,  // 25: nixplane.fleet.v1.HostRegistered.host:type_name -> nixplane.fleet.v1.Host
+	2,  // 26: nixplane.fleet.v1.HostStatusChanged.host:type_name -> nixplane.fleet.v1.Host
+	3,  // 27: nixplane.fleet.v1.CommandQueued.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 28: nixplane.fleet.v1.CommandUpdated.command:type_name -> nixplane.fleet.v1.Command
+	64, // 29: nixplane.fleet.v1.CommandOutput.lines:type_name -> nixplane.types.v1.OutputLine
+	3,  // 30: nixplane.fleet.v1.CommandComplete.command:type_name -> nixplane.fleet.v1.Command
+	5,  // 31: nixplane.fleet.v1.PendingPRChanged.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
+	57, // 32: nixplane.fleet.v1.PendingPRChanged.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
+	4,  // 33: nixplane.fleet.v1.TargetChanged.target:type_name -> nixplane.fleet.v1.FleetTarget
+	47, // 34: nixplane.fleet.v1.BulkProgress.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	6,  // 35: nixplane.fleet.v1.FleetEvent.snapshot:type_name -> nixplane.fleet.v1.Snapshot
+	7,  // 36: nixplane.fleet.v1.FleetEvent.host_heartbeat:type_name -> nixplane.fleet.v1.HostHeartbeat
+	8,  // 37: nixplane.fleet.v1.FleetEvent.host_offline:type_name -> nixplane.fleet.v1.HostOffline
+	9,  // 38: nixplane.fleet.v1.FleetEvent.host_registered:type_name -> nixplane.fleet.v1.HostRegistered
+	10, // 39: nixplane.fleet.v1.FleetEvent.host_removed:type_name -> nixplane.fleet.v1.HostRemoved
+	11, // 40: nixplane.fleet.v1.FleetEvent.host_status_changed:type_name -> nixplane.fleet.v1.HostStatusChanged
+	12, // 41: nixplane.fleet.v1.FleetEvent.command_queued:type_name -> nixplane.fleet.v1.CommandQueued
+	13, // 42: nixplane.fleet.v1.FleetEvent.command_updated:type_name -> nixplane.fleet.v1.CommandUpdated
+	14, // 43: nixplane.fleet.v1.FleetEvent.command_output:type_name -> nixplane.fleet.v1.CommandOutput
+	15, // 44: nixplane.fleet.v1.FleetEvent.command_complete:type_name -> nixplane.fleet.v1.CommandComplete
+	16, // 45: nixplane.fleet.v1.FleetEvent.pending_pr_changed:type_name -> nixplane.fleet.v1.PendingPRChanged
+	17, // 46: nixplane.fleet.v1.FleetEvent.target_changed:type_name -> nixplane.fleet.v1.TargetChanged
+	18, // 47: nixplane.fleet.v1.FleetEvent.bulk_progress:type_name -> nixplane.fleet.v1.BulkProgress
+	2,  // 48: nixplane.fleet.v1.ListHostsResponse.hosts:type_name -> nixplane.fleet.v1.Host
+	2,  // 49: nixplane.fleet.v1.GetHostResponse.host:type_name -> nixplane.fleet.v1.Host
+	19, // 50: nixplane.fleet.v1.WatchFleetResponse.events:type_name -> nixplane.fleet.v1.FleetEvent
+	61, // 51: nixplane.fleet.v1.RefreshHostResponse.update_status:type_name -> nixplane.types.v1.UpdateStatus
+	5,  // 52: nixplane.fleet.v1.RefreshHostResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
+	2,  // 53: nixplane.fleet.v1.RefreshHostResponse.host:type_name -> nixplane.fleet.v1.Host
+	3,  // 54: nixplane.fleet.v1.RunCommandResponse.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 55: nixplane.fleet.v1.StopCommandResponse.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 56: nixplane.fleet.v1.GetCommandResponse.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 57: nixplane.fleet.v1.ListCommandsResponse.commands:type_name -> nixplane.fleet.v1.Command
+	3,  // 58: nixplane.fleet.v1.GetCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
+	64, // 59: nixplane.fleet.v1.GetCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
+	64, // 60: nixplane.fleet.v1.FollowCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
+	3,  // 61: nixplane.fleet.v1.FollowCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
+	56, // 62: nixplane.fleet.v1.AddHostRequest.host_type:type_name -> nixplane.types.v1.HostType
+	2,  // 63: nixplane.fleet.v1.AddHostResponse.host:type_name -> nixplane.fleet.v1.Host
+	3,  // 64: nixplane.fleet.v1.BulkHostResult.command:type_name -> nixplane.fleet.v1.Command
+	1,  // 65: nixplane.fleet.v1.BulkCommand.state:type_name -> nixplane.fleet.v1.BulkState
+	46, // 66: nixplane.fleet.v1.BulkCommand.results:type_name -> nixplane.fleet.v1.BulkHostResult
+	57, // 67: nixplane.fleet.v1.BulkCommand.created_at:type_name -> google.protobuf.Timestamp
+	57, // 68: nixplane.fleet.v1.BulkCommand.finished_at:type_name -> google.protobuf.Timestamp
+	47, // 69: nixplane.fleet.v1.RunBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	47, // 70: nixplane.fleet.v1.GetBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	4,  // 71: nixplane.fleet.v1.GetFleetTargetResponse.target:type_name -> nixplane.fleet.v1.FleetTarget
+	5,  // 72: nixplane.fleet.v1.GetFleetTargetResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
+	57, // 73: nixplane.fleet.v1.GetFleetTargetResponse.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
+	47, // 74: nixplane.fleet.v1.MergeAndDeployResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	20, // 75: nixplane.fleet.v1.FleetService.ListHosts:input_type -> nixplane.fleet.v1.ListHostsRequest
+	22, // 76: nixplane.fleet.v1.FleetService.GetHost:input_type -> nixplane.fleet.v1.GetHostRequest
+	24, // 77: nixplane.fleet.v1.FleetService.WatchFleet:input_type -> nixplane.fleet.v1.WatchFleetRequest
+	26, // 78: nixplane.fleet.v1.FleetService.RefreshHost:input_type -> nixplane.fleet.v1.RefreshHostRequest
+	28, // 79: nixplane.fleet.v1.FleetService.RunCommand:input_type -> nixplane.fleet.v1.RunCommandRequest
+	30, // 80: nixplane.fleet.v1.FleetService.StopCommand:input_type -> nixplane.fleet.v1.StopCommandRequest
+	32, // 81: nixplane.fleet.v1.FleetService.GetCommand:input_type -> nixplane.fleet.v1.GetCommandRequest
+	34, // 82: nixplane.fleet.v1.FleetService.ListCommands:input_type -> nixplane.fleet.v1.ListCommandsRequest
+	36, // 83: nixplane.fleet.v1.FleetService.GetCommandLog:input_type -> nixplane.fleet.v1.GetCommandLogRequest
+	38, // 84: nixplane.fleet.v1.FleetService.FollowCommandLog:input_type -> nixplane.fleet.v1.FollowCommandLogRequest
+	40, // 85: nixplane.fleet.v1.FleetService.AddHost:input_type -> nixplane.fleet.v1.AddHostRequest
+	42, // 86: nixplane.fleet.v1.FleetService.RemoveHost:input_type -> nixplane.fleet.v1.RemoveHostRequest
+	44, // 87: nixplane.fleet.v1.FleetService.RotateHostToken:input_type -> nixplane.fleet.v1.RotateHostTokenRequest
+	48, // 88: nixplane.fleet.v1.FleetService.RunBulkCommand:input_type -> nixplane.fleet.v1.RunBulkCommandRequest
+	50, // 89: nixplane.fleet.v1.FleetService.GetBulkCommand:input_type -> nixplane.fleet.v1.GetBulkCommandRequest
+	52, // 90: nixplane.fleet.v1.FleetService.GetFleetTarget:input_type -> nixplane.fleet.v1.GetFleetTargetRequest
+	54, // 91: nixplane.fleet.v1.FleetService.MergeAndDeploy:input_type -> nixplane.fleet.v1.MergeAndDeployRequest
+	21, // 92: nixplane.fleet.v1.FleetService.ListHosts:output_type -> nixplane.fleet.v1.ListHostsResponse
+	23, // 93: nixplane.fleet.v1.FleetService.GetHost:output_type -> nixplane.fleet.v1.GetHostResponse
+	25, // 94: nixplane.fleet.v1.FleetService.WatchFleet:output_type -> nixplane.fleet.v1.WatchFleetResponse
+	27, // 95: nixplane.fleet.v1.FleetService.RefreshHost:output_type -> nixplane.fleet.v1.RefreshHostResponse
+	29, // 96: nixplane.fleet.v1.FleetService.RunCommand:output_type -> nixplane.fleet.v1.RunCommandResponse
+	31, // 97: nixplane.fleet.v1.FleetService.StopCommand:output_type -> nixplane.fleet.v1.StopCommandResponse
+	33, // 98: nixplane.fleet.v1.FleetService.GetCommand:output_type -> nixplane.fleet.v1.GetCommandResponse
+	35, // 99: nixplane.fleet.v1.FleetService.ListCommands:output_type -> nixplane.fleet.v1.ListCommandsResponse
+	37, // 100: nixplane.fleet.v1.FleetService.GetCommandLog:output_type -> nixplane.fleet.v1.GetCommandLogResponse
+	39, // 101: nixplane.fleet.v1.FleetService.FollowCommandLog:output_type -> nixplane.fleet.v1.FollowCommandLogResponse
+	41, // 102: nixplane.fleet.v1.FleetService.AddHost:output_type -> nixplane.fleet.v1.AddHostResponse
+	43, // 103: nixplane.fleet.v1.FleetService.RemoveHost:output_type -> nixplane.fleet.v1.RemoveHostResponse
+	45, // 104: nixplane.fleet.v1.FleetService.RotateHostToken:output_type -> nixplane.fleet.v1.RotateHostTokenResponse
+	49, // 105: nixplane.fleet.v1.FleetService.RunBulkCommand:output_type -> nixplane.fleet.v1.RunBulkCommandResponse
+	51, // 106: nixplane.fleet.v1.FleetService.GetBulkCommand:output_type -> nixplane.fleet.v1.GetBulkCommandResponse
+	53, // 107: nixplane.fleet.v1.FleetService.GetFleetTarget:output_type -> nixplane.fleet.v1.GetFleetTargetResponse
+	55, // 108: nixplane.fleet.v1.FleetService.MergeAndDeploy:output_type -> nixplane.fleet.v1.MergeAndDeployResponse
+	92, // [92:109] is the sub-list for method output_type
+	75, // [75:92] is the sub-list for method input_type
+	75, // [75:75] is the sub-list for extension type_name
+	75, // [75:75] is the sub-list for extension extendee
+	0,  // [0:75] is the sub-list for field type_name
 }
 
 func init() { file_nixplane_fleet_v1_fleet_proto_init() }
