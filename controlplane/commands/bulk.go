@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -17,9 +18,11 @@ import (
 
 // bulkRun is a command run on many hosts.
 type bulkRun struct {
-	seq  uint64 // creation order; never changes
-	mu   sync.Mutex
-	bulk *fleetv1.BulkCommand // replaced, never mutated once published
+	seq uint64 // creation order; never changes
+	// interrupted: a host's step was given up because the server stopped.
+	interrupted atomic.Bool
+	mu          sync.Mutex
+	bulk        *fleetv1.BulkCommand // replaced, never mutated once published
 }
 
 func (b *bulkRun) snapshot() *fleetv1.BulkCommand {
@@ -118,11 +121,22 @@ func (m *Manager) setResult(b *bulkRun, hostID string, fn func(*fleetv1.BulkHost
 func (m *Manager) runBulk(ctx context.Context, b *bulkRun, spec BulkSpec, steps []string) {
 	failures := 0
 	var fmu sync.Mutex
-	halted := false
+	halted, stopped := false, false
 	for _, batch := range spec.Batches {
-		if halted {
+		if !halted && !stopped {
+			select {
+			case <-m.stopped:
+				stopped = true
+			default:
+			}
+		}
+		if halted || stopped {
+			msg := "skipped: the run halted"
+			if stopped {
+				msg = "skipped: the server stopped"
+			}
 			for _, id := range batch {
-				m.setResult(b, id, func(r *fleetv1.BulkHostResult) { r.Message = "skipped: the run halted" })
+				m.setResult(b, id, func(r *fleetv1.BulkHostResult) { r.Message = msg })
 			}
 			continue
 		}
@@ -151,6 +165,9 @@ func (m *Manager) runBulk(ctx context.Context, b *bulkRun, spec BulkSpec, steps 
 	nb.FinishedAt = timestamppb.New(m.now())
 	total := len(nb.Results)
 	switch {
+	case stopped || b.interrupted.Load():
+		nb.State = fleetv1.BulkState_BULK_STATE_FAILED
+		nb.Message = fmt.Sprintf("the server stopped before the run ended (%d failed host(s) so far)", failures)
 	case halted:
 		nb.State = fleetv1.BulkState_BULK_STATE_FAILED
 		nb.Message = fmt.Sprintf("halted after %d failed host(s)", failures)
@@ -195,6 +212,10 @@ func (m *Manager) runSteps(ctx context.Context, b *bulkRun, spec BulkSpec, hostI
 			select {
 			case <-done:
 			case <-ctx.Done():
+				return false
+			case <-m.stopped:
+				b.interrupted.Store(true)
+				m.setResult(b, hostID, func(r *fleetv1.BulkHostResult) { r.Message = step + ": the server stopped while it ran" })
 				return false
 			}
 		}

@@ -109,7 +109,11 @@ type Manager struct {
 	waiters map[string][]chan struct{}
 	bulks   map[string]*bulkRun
 	bulkSeq uint64
-	deploy  *bulkRun // the running merge-and-deploy
+	// stopped is closed when Loop ends (the server stops): bulk runs stop
+	// waiting for their hosts then.
+	stopped  chan struct{}
+	stopOnce sync.Once
+	deploy   *bulkRun // the running merge-and-deploy
 }
 
 // run is the manager's state of one active command.
@@ -157,7 +161,8 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	m := &Manager{cfg: cfg, log: cfg.Log, active: map[string]*run{}, byHost: map[string]*run{}, waiters: map[string][]chan struct{}{}, bulks: map[string]*bulkRun{}}
+	m := &Manager{cfg: cfg, log: cfg.Log, active: map[string]*run{}, byHost: map[string]*run{}, waiters: map[string][]chan struct{}{}, bulks: map[string]*bulkRun{},
+		stopped: make(chan struct{})}
 	stale, err := cfg.Store.ActiveCommands(ctx)
 	if err != nil {
 		return nil, err
@@ -835,8 +840,10 @@ func (m *Manager) Tick(ctx context.Context) {
 	}
 }
 
-// Loop enforces timeouts every second until ctx ends.
+// Loop enforces timeouts every second until ctx ends; then bulk runs end
+// too, as nothing would end their commands any more.
 func (m *Manager) Loop(ctx context.Context) error {
+	defer m.stopOnce.Do(func() { close(m.stopped) })
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {

@@ -1311,3 +1311,45 @@ func TestEndedBulksAreForgotten(t *testing.T) {
 	close(gate)
 	e.waitBulk(running.BulkId)
 }
+
+// TestBulkEndsWhenTheManagerStops: a bulk run waiting for its hosts does
+// not outlive the server: when Loop ends, the run ends too and says so,
+// and its goroutines are gone.
+func TestBulkEndsWhenTheManagerStops(t *testing.T) {
+	e := newEnv(t, "a", "b")
+	e.connect("a", nil) // never answers
+	ctx, cancel := context.WithCancel(e.ctx)
+	loopDone := make(chan error, 1)
+	go func() { loopDone <- e.m.Loop(ctx) }()
+	b, err := e.m.RunBulk(e.ctx, BulkSpec{Actor: "user:admin", Command: "switch", Batches: [][]string{{"a"}, {"b"}}, MaxFailures: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the switch on a to run", func() bool {
+		got, _ := e.m.GetBulk(b.BulkId)
+		return got.Results[0].Command != nil
+	})
+	cancel()
+	if err := <-loopDone; err != nil {
+		t.Fatal(err)
+	}
+	got := e.waitBulk(b.BulkId)
+	if got.State != fleetv1.BulkState_BULK_STATE_FAILED || !strings.Contains(got.Message, "server stopped") {
+		t.Fatalf("bulk = %v, want FAILED because the server stopped", got)
+	}
+	if r := got.Results[1]; r.Command != nil || !strings.Contains(r.Message, "skipped") {
+		t.Fatalf("host b: %v, want skipped", r)
+	}
+}
+
+// waitUntil polls cond until it holds, failing the test after a deadline.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
