@@ -170,7 +170,7 @@ func (c *Config) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.FloorNative, "floor-native", false, "serve the spawned floor with grpc.Server.Serve instead of net/http h2c")
 	fs.StringVar(&c.ServerBin, "server-bin", "", "server executable for --spawn-server (default: this binary's built-in server)")
 	fs.StringVar(&c.ServerCPUProfile, "server-cpuprofile", "", "write a CPU profile of the spawned server to this file")
-	fs.StringVar(&c.ServerMemProfile, "server-memprofile", "", "write a heap profile of the spawned server to this file")
+	fs.StringVar(&c.ServerMemProfile, "server-memprofile", "", "write a heap profile of the spawned server at the end of the window to this file")
 	fs.StringVar(&c.ServerLog, "server-log", "", "file for the spawned server's log (default: a temporary file)")
 	fs.IntVar(&c.Agents, "agents", 1000, "number of simulated agents, each on its own connection")
 	fs.DurationVar(&c.Interval, "interval", 5*time.Second, "heartbeat interval of each agent")

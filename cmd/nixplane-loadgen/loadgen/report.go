@@ -30,6 +30,11 @@ type Report struct {
 	// handled: below 1 when the server coalesced a host's unsent heartbeat
 	// with a newer one (latest value wins — not a loss of state).
 	HeartbeatDelivery float64 `json:"heartbeat_delivery_ratio"`
+	// WatchResponsesPerSec is WatchFleetResponse messages per second per
+	// watcher, EventsPerResponse the events each carried on average: how
+	// well the server batches its fan-out writes.
+	WatchResponsesPerSec float64 `json:"watch_responses_per_s"`
+	EventsPerResponse    float64 `json:"events_per_response"`
 	// EventsDropped counts resync snapshots in the window: each replaces a
 	// backlog a watcher fell behind on.
 	EventsDropped    int64  `json:"events_dropped"`
@@ -158,7 +163,7 @@ func (r *Report) fill(cfg Config, before, after point, elapsed time.Duration, ws
 
 	var all []uint32
 	byKind := map[string][]uint32{}
-	var hbEvents int64
+	var hbEvents, responses, events int64
 	var lineLat, stormLat []uint32
 	for _, w := range ws {
 		w.mu.Lock()
@@ -166,6 +171,8 @@ func (r *Report) fill(cfg Config, before, after point, elapsed time.Duration, ws
 		all = append(all, w.hbLat...)
 		byKind[w.kind] = append(byKind[w.kind], w.hbLat...)
 		hbEvents += w.hbEvents
+		responses += w.responses
+		events += w.events
 		r.EventsDropped += w.resyncs
 		r.ResyncsTotal += w.resyncsAll
 		r.WatcherReconnect += w.reconnects
@@ -181,6 +188,10 @@ func (r *Report) fill(cfg Config, before, after point, elapsed time.Duration, ws
 		for k, v := range byKind {
 			r.HeartbeatLatencyKind[k] = latencyOf(v)
 		}
+	}
+	if responses > 0 {
+		r.WatchResponsesPerSec = float64(responses) / float64(len(ws)) / secs
+		r.EventsPerResponse = float64(events) / float64(responses)
 	}
 	if len(ws) > 0 && handled > 0 {
 		r.HeartbeatDelivery = float64(hbEvents) / float64(len(ws)) / handled
@@ -255,6 +266,7 @@ func (r *Report) WriteTable(out io.Writer) {
 			}
 		}
 		row("heartbeat events/watcher", "%.3f of handled (the rest coalesced, latest value wins)", r.HeartbeatDelivery)
+		row("watch responses", "%.0f/s per watcher, %.1f events each", r.WatchResponsesPerSec, r.EventsPerResponse)
 	}
 	if s.WebWatchers+s.GRPCWatchers > 0 {
 		row("events dropped (resyncs)", "%d in window, %d in all", r.EventsDropped, r.ResyncsTotal)

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -164,6 +165,11 @@ func Run(ctx context.Context, cfg Config, logw io.Writer) (*Report, error) {
 	sleepCtx(ctx, cfg.Duration-cfg.RestartAt)
 	after := measure(tg, total())
 	win.phase.Store(phaseOff)
+	if cfg.ServerMemProfile != "" && tg.server != nil {
+		// The built-in server writes its heap profile on SIGUSR1.
+		_ = tg.server.cmd.Process.Signal(syscall.SIGUSR1)
+		sleepCtx(ctx, 2*time.Second)
+	}
 	elapsed := time.Since(start)
 	if ctx.Err() != nil {
 		return nil, ctx.Err()

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime"
 	"runtime/pprof"
 	"strings"
@@ -214,22 +215,38 @@ func serverCmd(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	code := cli.Main(ctx, append([]string{"serve"}, fs.Args()...), cli.Env{Stdout: stderr, Stderr: stderr, Getenv: os.Getenv})
 	if *mem != "" {
-		runtime.GC()
-		f, err := os.Create(*mem)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.WriteHeapProfile(f); err != nil {
-			return err
-		}
+		// SIGUSR1 writes the heap profile now: the load generator sends it at
+		// the end of the measured window, while every agent is connected.
+		usr1 := make(chan os.Signal, 1)
+		signal.Notify(usr1, syscall.SIGUSR1)
+		defer signal.Stop(usr1)
+		go func() {
+			for range usr1 {
+				if err := writeHeapProfile(*mem); err != nil {
+					fmt.Fprintf(stderr, "heap profile: %v\n", err)
+				}
+			}
+		}()
 	}
+	code := cli.Main(ctx, append([]string{"serve"}, fs.Args()...), cli.Env{Stdout: stderr, Stderr: stderr, Getenv: os.Getenv})
 	if code != 0 {
 		return fmt.Errorf("server exited with status %d", code)
 	}
 	return nil
+}
+
+func writeHeapProfile(path string) error {
+	runtime.GC()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // agentGroup is a set of agents running in this process or in a worker.

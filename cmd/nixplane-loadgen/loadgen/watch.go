@@ -58,6 +58,8 @@ type watcher struct {
 	reconnects int64
 	errors     []string
 	hbEvents   int64    // heartbeat events in the window
+	responses  int64    // WatchFleetResponse messages in the window
+	events     int64    // events in them
 	hbLat      []uint32 // µs from the agent's send time to arrival, in the window
 	stormLat   []uint32 // the same during a reconnect storm
 	lineLat    []uint32 // µs from the line's time to arrival
@@ -199,6 +201,10 @@ func (w *watcher) handle(resp *fleetv1.WatchFleetResponse, at time.Time) {
 	in := phase == phaseMeasure
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if in {
+		w.responses++
+		w.events += int64(len(resp.Events))
+	}
 	for _, ev := range resp.Events {
 		switch k := ev.Kind.(type) {
 		case *fleetv1.FleetEvent_Snapshot:
