@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,7 +48,7 @@ func benchAgentHeartbeat(b *testing.B, watchers int) {
 	defer cancel()
 	quiet := slog.New(slog.DiscardHandler)
 	dir := b.TempDir()
-	st, err := controlplane.OpenStore(ctx, dir)
+	st, err := store.Open(ctx, filepath.Join(dir, "nixplane.db"), store.WithLogger(quiet))
 	if err != nil {
 		b.Fatal(err)
 	}
