@@ -261,7 +261,14 @@ func (s *server) setupGitHub() error {
 	}
 	s.prs, err = github.New(github.Config{Repo: cfg.GitHubRepo, Token: token, APIURL: cfg.GitHubAPIURL, Base: cfg.Branch, Rule: rule,
 		MergeMethod: cfg.GitHubMergeMethod, Interval: cfg.GitHubPoll, Log: cfg.Log,
-		OnChange: func(pr *fleetv1.PendingPR) { s.hub.SetPendingPR(pr, true) }})
+		OnChange: func(pr *fleetv1.PendingPR) { s.hub.SetPendingPR(pr, true) },
+		OnHealth: func(h github.Health) {
+			var msg string
+			if h.LastError != nil {
+				msg = h.LastError.Error()
+			}
+			s.hub.SetPullRequestHealth(msg, h.LastSuccess)
+		}})
 	if err != nil {
 		return err
 	}

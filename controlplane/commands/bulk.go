@@ -51,6 +51,9 @@ type BulkSpec struct {
 	// halts when more than MaxFailures hosts failed.
 	Batches     [][]string
 	MaxFailures int
+	// PRNumber and Commit name what a merge-and-deploy deploys.
+	PRNumber int32
+	Commit   string
 }
 
 // RunBulk starts a bulk run and returns it at once; its progress is
@@ -76,7 +79,7 @@ func (m *Manager) RunBulk(ctx context.Context, spec BulkSpec) (*fleetv1.BulkComm
 		spec.MaxFailures = -1
 	}
 	b := &bulkRun{bulk: &fleetv1.BulkCommand{BulkId: "bulk-" + newID()[4:], Command: spec.Command, State: fleetv1.BulkState_BULK_STATE_RUNNING,
-		CreatedAt: timestamppb.New(m.now()), Actor: spec.Actor}}
+		CreatedAt: timestamppb.New(m.now()), Actor: spec.Actor, PrNumber: spec.PRNumber, Commit: spec.Commit}}
 	for _, batch := range spec.Batches {
 		for _, id := range batch {
 			b.bulk.Results = append(b.bulk.Results, &fleetv1.BulkHostResult{HostId: id, Message: "waiting"})

@@ -502,7 +502,9 @@ func (f *Fleet) GetBulkCommand(ctx context.Context, req *fleetv1.GetBulkCommandR
 // GetFleetTarget implements FleetService.
 func (f *Fleet) GetFleetTarget(ctx context.Context, _ *fleetv1.GetFleetTargetRequest) (*fleetv1.GetFleetTargetResponse, error) {
 	pr, conf := f.Hub.PendingPR()
-	return &fleetv1.GetFleetTargetResponse{Target: f.Hub.Target(), PendingPr: pr, PullRequestsConfigured: conf}, nil
+	prErr, prChecked := f.Hub.PullRequestHealth()
+	return &fleetv1.GetFleetTargetResponse{Target: f.Hub.Target(), PendingPr: pr, PullRequestsConfigured: conf,
+		PullRequestsError: prErr, PullRequestsCheckedAt: prChecked}, nil
 }
 
 // MergeAndDeploy implements FleetService.

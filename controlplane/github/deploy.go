@@ -108,7 +108,7 @@ func (d *Deployer) MergeAndDeploy(ctx context.Context, actor string, req *fleetv
 	}
 	d.awaitTarget(ctx, res.SHA)
 	b, err := d.Commands.RunBulk(ctx, commands.BulkSpec{Actor: actor, Command: "merge-and-deploy", HostIDs: pl.hosts, Batches: pl.batches,
-		MaxFailures: int(req.MaxFailures)})
+		MaxFailures: int(req.MaxFailures), PRNumber: req.PrNumber, Commit: res.SHA})
 	if err != nil {
 		d.logger().Error("merged, but the deploy did not start", "pr", req.PrNumber, "commit", res.SHA, "err", err)
 		if errors.Is(err, commands.ErrBusy) {

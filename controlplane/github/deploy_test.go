@@ -318,6 +318,9 @@ func TestMergeAndDeployHaltsOnAFailingHost(t *testing.T) {
 		t.Fatalf("started bulk = %v", bulk)
 	}
 	merged := w.mainHead()
+	if bulk.PrNumber != int32(w.prNumber) || bulk.Commit != merged {
+		t.Fatalf("bulk names PR #%d commit %s, want #%d %s", bulk.PrNumber, bulk.Commit, w.prNumber, merged)
+	}
 	if merged == before {
 		t.Fatal("main did not move: the PR was not merged")
 	}
@@ -436,10 +439,23 @@ func TestMergeAndDeployRefusals(t *testing.T) {
 		return series(body, "nixplane_github_poll_failures") >= 2 && series(body, "nixplane_github_pending_pr") == float64(n), body
 	})
 	w.waitPending(w.prNumber)
+	// ... and pages see why, next to the PR they keep.
+	waitFor(t, "poll error on the fleet target", func() (bool, string) {
+		r, err := fc.GetFleetTarget(ctx, &fleetv1.GetFleetTargetRequest{})
+		return err == nil && strings.Contains(r.PullRequestsError, "401") && r.PendingPr.GetNumber() == n &&
+			r.PullRequestsCheckedAt != nil, fmt.Sprint(r, err)
+	})
+	if r, _ := fc.GetFleetTarget(ctx, &fleetv1.GetFleetTargetRequest{}); strings.Contains(r.GetPullRequestsError(), ghToken) {
+		t.Fatal("the poll error shows the token")
+	}
 	w.api.SetFault(nil)
 	waitFor(t, "poll recovery in /metrics", func() (bool, string) {
 		body := w.scrape()
 		return series(body, "nixplane_github_poll_failures") == 0 && series(body, "nixplane_github_last_success_timestamp_seconds") > 0, body
+	})
+	waitFor(t, "poll error cleared", func() (bool, string) {
+		r, err := fc.GetFleetTarget(ctx, &fleetv1.GetFleetTargetRequest{})
+		return err == nil && r.PullRequestsError == "", fmt.Sprint(r, err)
 	})
 
 	if got := w.mainHead(); got != before {

@@ -140,6 +140,9 @@ type Config struct {
 	Interval, Timeout time.Duration
 	// OnChange receives the pending PR (nil: none) whenever it changes.
 	OnChange func(*fleetv1.PendingPR)
+	// OnHealth receives the poll health after every poll, failed or not
+	// (not after a shutdown cancelled it).
+	OnHealth func(Health)
 	// HTTPClient is the client to use; nil means one with Timeout.
 	HTTPClient *http.Client
 	Log        *slog.Logger
@@ -340,10 +343,19 @@ func (p *Poller) Poll(ctx context.Context) (*fleetv1.PendingPR, error) {
 			level = slog.LevelError
 		}
 		p.cfg.Log.Log(ctx, level, "poll GitHub for the flake-update PR", attrs...)
+		p.reportHealth()
 		return last, err
 	}
 	p.set(pr, head)
+	p.reportHealth()
 	return pr, nil
+}
+
+// reportHealth hands the current health to OnHealth.
+func (p *Poller) reportHealth() {
+	if p.cfg.OnHealth != nil {
+		p.cfg.OnHealth(p.Health())
+	}
 }
 
 // set installs pr and reports it when it changed (or was never reported).

@@ -112,6 +112,10 @@ type Hub struct {
 	target   *fleetv1.FleetTarget
 	pr       *fleetv1.PendingPR
 	prConfig bool
+	// prError and prChecked: the PR poll's last error ("" after a success)
+	// and last success.
+	prError   string
+	prChecked time.Time
 	connSeq  uint64
 }
 
@@ -518,8 +522,44 @@ func (h *Hub) SetPendingPR(pr *fleetv1.PendingPR, configured bool) {
 		return
 	}
 	h.pr = pr
-	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_PendingPrChanged{PendingPrChanged: &fleetv1.PendingPRChanged{PendingPr: pr}}})
+	h.publishPRLocked()
 	h.recomputeAll()
+}
+
+// SetPullRequestHealth records the outcome of the latest look for pull
+// requests: errText is empty when it worked; lastSuccess is zero when none
+// worked yet. Watchers hear of it when the error changes.
+func (h *Hub) SetPullRequestHealth(errText string, lastSuccess time.Time) {
+	errText = validate.Printable(errText, 300)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	changed := errText != h.prError
+	h.prError, h.prChecked = errText, lastSuccess
+	if changed {
+		h.publishPRLocked()
+	}
+}
+
+// PullRequestHealth returns the PR poll's last error ("" when it worked)
+// and last success (nil: none yet).
+func (h *Hub) PullRequestHealth() (string, *timestamppb.Timestamp) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.prError, tsOrNil(h.prChecked)
+}
+
+// publishPRLocked tells watchers the PR state. Caller holds mu.
+func (h *Hub) publishPRLocked() {
+	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_PendingPrChanged{PendingPrChanged: &fleetv1.PendingPRChanged{
+		PendingPr: h.pr, PullRequestsError: h.prError, PullRequestsCheckedAt: tsOrNil(h.prChecked)}}})
+}
+
+// tsOrNil converts t, with the zero time as nil.
+func tsOrNil(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
 }
 
 // PendingPR returns the pending PR (nil: none) and whether PRs are configured.
@@ -658,7 +698,7 @@ func (r snapRefs) build() []*fleetv1.Host {
 // outside the lock.
 func (h *Hub) snapshotLocked(resync bool) func() *fleetv1.Snapshot {
 	refs := h.refsLocked()
-	target, pr, prc := h.target, h.pr, h.prConfig
+	target, pr, prc, prErr, prChecked := h.target, h.pr, h.prConfig, h.prError, tsOrNil(h.prChecked)
 	active := make([]*fleetv1.Command, 0, len(h.commands))
 	for _, c := range h.commands {
 		active = append(active, c)
@@ -667,6 +707,7 @@ func (h *Hub) snapshotLocked(resync bool) func() *fleetv1.Snapshot {
 	return func() *fleetv1.Snapshot {
 		sort.Slice(active, func(i, j int) bool { return active[i].CommandId < active[j].CommandId })
 		return &fleetv1.Snapshot{Hosts: refs.build(), Target: target, PendingPr: pr, PullRequestsConfigured: prc,
+			PullRequestsError: prErr, PullRequestsCheckedAt: prChecked,
 			ServerVersion: version, Resync: resync, ActiveCommands: active}
 	}
 }

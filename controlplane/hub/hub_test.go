@@ -877,3 +877,40 @@ func TestRepoURLCredentialsAreHidden(t *testing.T) {
 		}
 	}
 }
+
+// TestPullRequestHealth: a failing PR poll is told to watchers once per
+// distinct error and kept in snapshots; a success clears it.
+func TestPullRequestHealth(t *testing.T) {
+	th := newTestHub(t, 0, "a")
+	th.SetPendingPR(&fleetv1.PendingPR{Number: 3, Title: "update flake"}, true)
+	w, _ := th.Subscribe(WatchOptions{})
+	ok := th.clock.Now()
+	th.SetPullRequestHealth("GET …/pulls: 401 Bad credentials\x00", ok)
+	th.SetPullRequestHealth("GET …/pulls: 401 Bad credentials\x00", ok) // same error: no event
+	th.SetPullRequestHealth("", ok.Add(time.Minute))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var prEvents []*fleetv1.PendingPRChanged
+	for len(prEvents) < 2 {
+		b, err := th.Next(ctx, w)
+		if err != nil {
+			t.Fatalf("after %d PR events: %v", len(prEvents), err)
+		}
+		for _, ev := range b {
+			if p := ev.GetPendingPrChanged(); p != nil {
+				prEvents = append(prEvents, p)
+			}
+		}
+	}
+	if e := prEvents[0]; !strings.Contains(e.PullRequestsError, "401") || strings.ContainsRune(e.PullRequestsError, 0) ||
+		e.PendingPr.GetNumber() != 3 || !e.PullRequestsCheckedAt.AsTime().Equal(ok) {
+		t.Fatalf("first PR event = %v, want the error with the kept PR", e)
+	}
+	if e := prEvents[1]; e.PullRequestsError != "" || e.PendingPr.GetNumber() != 3 {
+		t.Fatalf("second PR event = %v, want the error cleared", e)
+	}
+	th.SetPullRequestHealth("timeout", ok.Add(time.Minute))
+	if snap := th.Snapshot(); snap.PullRequestsError != "timeout" || !snap.PullRequestsCheckedAt.AsTime().Equal(ok.Add(time.Minute)) {
+		t.Fatalf("snapshot PR health = %q %v", snap.PullRequestsError, snap.PullRequestsCheckedAt)
+	}
+}
