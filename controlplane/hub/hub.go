@@ -116,7 +116,7 @@ type Hub struct {
 	// and last success.
 	prError   string
 	prChecked time.Time
-	connSeq  uint64
+	connSeq   uint64
 }
 
 // New returns a hub loaded with the stored hosts, all offline.
