@@ -595,8 +595,8 @@ func (m *Manager) checkGoal(r *run, res *agentv1.CommandResult) (typesv1.Command
 // HandleStatus records an agent's status report in the host's record and
 // completes an activation waiting in post-validation: the running system
 // decides succeeded or partial, and the agent's freshness is told — a stale
-// agent (the old binary still runs although another version is expected)
-// makes the command partial.
+// agent (the agent saw its installed binary change and restarted, yet the
+// old binary runs again) makes the command partial.
 func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.StatusReport) {
 	_, err := m.cfg.Hub.UpdateRecord(hostID, func(h *fleetv1.Host) { ApplyStatus(h, st) })
 	if err != nil {
@@ -613,10 +613,12 @@ func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.S
 	fresh, restarting := r.fresh, r.restarting
 	m.mu.Unlock()
 	if fresh == nil {
-		// The agent was not replaced (it never went away): judge the
-		// unchanged identity against what this activation should have
-		// brought.
-		j, ok := m.judgeFreshness(ctx, hostID, nil, true)
+		// The agent was not replaced. Unless it said its installed binary
+		// changed, this activation brought no new agent and none was
+		// expected of it — a fleet flake that still pins an older agent is
+		// not a stale binary; the Agent compartment still shows the version
+		// mismatch as outdated.
+		j, ok := m.judgeFreshness(ctx, hostID, nil, true, restarting)
 		if ok {
 			fresh = &j
 		}
@@ -661,7 +663,7 @@ func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.S
 // afterActivation says a switch, pull-switch or rollback ran since the
 // recorded identity. The previous identity is the stored record's, so the
 // verdict survives a server restart between the switch and the reconnect.
-func (m *Manager) judgeFreshness(ctx context.Context, hostID string, hello *agentv1.Hello, afterActivation bool) (status.Judgement, bool) {
+func (m *Manager) judgeFreshness(ctx context.Context, hostID string, hello *agentv1.Hello, afterActivation, changeExpected bool) (status.Judgement, bool) {
 	var j status.Judgement
 	var before typesv1.AgentFreshness
 	_, err := m.cfg.Hub.UpdateRecord(hostID, func(h *fleetv1.Host) {
@@ -673,7 +675,7 @@ func (m *Manager) judgeFreshness(ctx context.Context, hostID string, hello *agen
 		}
 		before = h.AgentFreshness
 		j = status.JudgeFreshness(status.FreshnessInputs{Prev: prev, Cur: cur, PrevFreshness: h.AgentFreshness,
-			AfterActivation: afterActivation, AgentVersion: version, ServerVersion: m.cfg.Hub.ServerVersion()})
+			AfterActivation: afterActivation, ChangeExpected: changeExpected, AgentVersion: version, ServerVersion: m.cfg.Hub.ServerVersion()})
 		cur.Set(h)
 		h.AgentFreshness = j.Freshness
 	})
@@ -736,7 +738,13 @@ func (m *Manager) HandleHello(ctx context.Context, hostID string, hello *agentv1
 	}
 	awaiting := r != nil && isActivation(r.kind) && hello.RunningCommandId != r.id && m.get(r.id) == r &&
 		m.current(r).State == typesv1.CommandState_COMMAND_STATE_POST_VALIDATION
-	j, ok := m.judgeFreshness(ctx, hostID, hello, awaiting)
+	restarting := false
+	if awaiting {
+		m.mu.Lock()
+		restarting = r.restarting
+		m.mu.Unlock()
+	}
+	j, ok := m.judgeFreshness(ctx, hostID, hello, awaiting, restarting)
 	if !awaiting {
 		return
 	}

@@ -1034,14 +1034,16 @@ const (
 )
 
 // TestFreshnessOfSwitchWithoutRestart: an agent that was not replaced by a
-// switch is stale when another version was expected, current otherwise.
+// switch (its installed binary did not change) is never called stale — the
+// fleet flake may still pin an older agent after a server upgrade, and such
+// switches must not halt a deploy; at the expected version it is current.
 func TestFreshnessOfSwitchWithoutRestart(t *testing.T) {
 	for _, tc := range []struct {
 		version string
 		want    typesv1.CommandState
 		fresh   typesv1.AgentFreshness
 	}{
-		{"0.9.0", typesv1.CommandState_COMMAND_STATE_PARTIAL, typesv1.AgentFreshness_AGENT_FRESHNESS_STALE},
+		{"0.9.0", typesv1.CommandState_COMMAND_STATE_SUCCEEDED, typesv1.AgentFreshness_AGENT_FRESHNESS_UNKNOWN},
 		{"1.0.0", typesv1.CommandState_COMMAND_STATE_SUCCEEDED, typesv1.AgentFreshness_AGENT_FRESHNESS_FRESH},
 	} {
 		t.Run(tc.version, func(t *testing.T) {

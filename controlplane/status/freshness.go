@@ -42,6 +42,9 @@ type FreshnessInputs struct {
 	// AfterActivation: a switch, pull-switch or rollback ran since Prev was
 	// recorded, so the agent may have been replaced.
 	AfterActivation bool
+	// ChangeExpected: the agent saw its installed binary change and
+	// restarted to run it (CommandResult.agent_restarting).
+	ChangeExpected bool
 	// AgentVersion is the version the agent reports; ServerVersion the one
 	// the server expects. When they differ after an activation, a new agent
 	// was expected.
@@ -66,8 +69,12 @@ const (
 //
 //   - store path or binary hash changed → fresh;
 //   - only the source commit changed → suspicious (a cache issue?);
-//   - nothing changed after an activation although the agent's version
-//     differs from the server's → stale (the old binary still runs);
+//   - nothing changed after an activation that installed another agent
+//     binary (the agent restarted for it) while the agent's version differs
+//     from the server's → stale (the old binary still runs);
+//   - nothing changed after an activation that installed no new agent → the
+//     previous verdict stands (the fleet flake pins this agent; the Agent
+//     compartment shows the version mismatch);
 //   - nothing changed and no change expected → the previous verdict stands;
 //   - identity missing on either side → unknown.
 func JudgeFreshness(in FreshnessInputs) Judgement {
@@ -84,6 +91,9 @@ func JudgeFreshness(in FreshnessInputs) Judgement {
 	case cur.SourceCommit != prev.SourceCommit:
 		return Judgement{typesv1.AgentFreshness_AGENT_FRESHNESS_SUSPICIOUS, fmt.Sprintf(
 			"the agent reports source commit %s instead of %s, but its binary is unchanged: %s", Short(cur.SourceCommit), Short(prev.SourceCommit), suspiciousAdvice)}
+	case in.AfterActivation && !in.ChangeExpected && in.ServerVersion != "" && in.AgentVersion != in.ServerVersion:
+		return Judgement{keep(in.PrevFreshness), fmt.Sprintf(
+			"the switch installed no new agent binary: the fleet flake still provides agent %s, the server expects %s", orUnknown(in.AgentVersion), in.ServerVersion)}
 	case in.AfterActivation && in.ServerVersion != "" && in.AgentVersion != in.ServerVersion:
 		return Judgement{typesv1.AgentFreshness_AGENT_FRESHNESS_STALE, fmt.Sprintf(
 			"the agent binary did not change although the server expects agent %s and %s still runs: %s", in.ServerVersion, orUnknown(in.AgentVersion), staleAdvice)}
