@@ -92,7 +92,7 @@ func isTerminal(s typesv1.CommandState) bool {
 	return false
 }
 
-func newHostView(h *fleetv1.Host, cmd *fleetv1.Command, hasPR bool, serverVersion string, now time.Time) hostView {
+func newHostView(h *fleetv1.Host, cmd *fleetv1.Command, pr *prView, serverVersion string, now time.Time) hostView {
 	v := hostView{
 		ID:       h.GetHostId(),
 		Hostname: hostname(h),
@@ -194,7 +194,10 @@ func newHostView(h *fleetv1.Host, cmd *fleetv1.Command, hasPR bool, serverVersio
 		} else {
 			lines = append(lines, "Not checked yet")
 		}
-		cv := compView{Name: c.name, Label: c.label, Status: st, HasPR: c.name == "lock" && hasPR}
+		cv := compView{Name: c.name, Label: c.label, Status: st, HasPR: c.name == "lock" && pr != nil}
+		if cv.HasPR {
+			lines = append(lines, pr.LockLines...)
+		}
 		cv.Title = strings.Join(lines, "\n")
 		v.Comps = append(v.Comps, cv)
 	}

@@ -22,6 +22,7 @@ import (
 	"path"
 	"strings"
 	"time"
+	"unicode"
 
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -136,6 +137,7 @@ type dashboardView struct {
 	SnapshotJSON json.RawMessage
 	Target       targetView
 	PR           *prView
+	PRStatus     prStatusView
 	Hosts        []hostView
 	Blank        hostView
 	Online       int
@@ -156,6 +158,17 @@ type prView struct {
 	Title     string
 	URL       string
 	Mergeable bool
+	// MenuTitle is the Merge & Deploy entry's tooltip.
+	MenuTitle string
+	// LockLines are added to the Lock compartment's tooltip.
+	LockLines []string
+}
+
+// prStatusView is the status line next to Bulk Actions while looking for
+// pull requests fails; Text is empty when it is hidden.
+type prStatusView struct {
+	Text  string
+	Title string
 }
 
 func newDashboardView(d DashboardData, now time.Time) (*dashboardView, error) {
@@ -191,9 +204,7 @@ func newDashboardView(d DashboardData, now time.Time) (*dashboardView, error) {
 			v.Target.Age = formatAge(now.Sub(ts.AsTime()))
 		}
 	}
-	if pr := snap.GetPendingPr(); pr != nil && pr.GetNumber() != 0 {
-		v.PR = &prView{Number: pr.GetNumber(), Title: pr.GetTitle(), URL: pr.GetUrl(), Mergeable: pr.GetMergeable()}
-	}
+	v.PR, v.PRStatus = pullRequestsView(snap, now)
 	running := map[string]*fleetv1.Command{}
 	for _, c := range snap.GetActiveCommands() {
 		running[c.GetHostId()] = c
@@ -206,12 +217,84 @@ func newDashboardView(d DashboardData, now time.Time) (*dashboardView, error) {
 		if cmd == nil || isTerminal(cmd.GetState()) {
 			cmd = running[h.GetHostId()]
 		}
-		hv := newHostView(h, cmd, v.PR != nil, snap.GetServerVersion(), now)
+		hv := newHostView(h, cmd, v.PR, snap.GetServerVersion(), now)
 		if hv.Online {
 			v.Online++
 		}
 		v.Hosts = append(v.Hosts, hv)
 	}
-	v.Blank = newHostView(&fleetv1.Host{}, nil, false, "", now)
+	v.Blank = newHostView(&fleetv1.Host{}, nil, nil, "", now)
 	return v, nil
+}
+
+// prErrorInline is the longest poll error shown inline, in characters; the
+// tooltip holds all of it. It matches PR_ERROR_INLINE in src/model.ts.
+const prErrorInline = 160
+
+// pullRequestsView mirrors renderPullRequests in src/render.ts: nothing
+// unless PR support is configured; the pending PR for Bulk Actions and the
+// Lock compartments; while looking fails, a status line with the error and
+// the last success.
+func pullRequestsView(snap *fleetv1.Snapshot, now time.Time) (*prView, prStatusView) {
+	if !snap.GetPullRequestsConfigured() {
+		return nil, prStatusView{}
+	}
+	errText := strings.TrimSpace(snap.GetPullRequestsError())
+	var last time.Time
+	if ts := snap.GetPullRequestsCheckedAt(); ts != nil && ts.IsValid() && ts.AsTime().UnixMilli() > 0 {
+		last = ts.AsTime()
+	}
+	var pr *prView
+	if p := snap.GetPendingPr(); p != nil && p.GetNumber() != 0 {
+		pr = &prView{Number: p.GetNumber(), Title: p.GetTitle(), URL: p.GetUrl(), Mergeable: p.GetMergeable()}
+		pr.MenuTitle = pr.Title
+		if !pr.Mergeable {
+			pr.MenuTitle += " (cannot be merged)"
+		}
+		pr.LockLines = []string{fmt.Sprintf("Pending PR #%d: %s", pr.Number, pr.Title)}
+		if errText != "" {
+			pr.MenuTitle += "\nLast known pull request: looking for pull requests fails (" + errText + ")"
+			pr.LockLines = append(pr.LockLines, "(last known: pull requests cannot be checked now)")
+		}
+	}
+	if errText == "" {
+		return pr, prStatusView{}
+	}
+	since := "no success yet"
+	lines := []string{"Looking for pull requests failed:", errText}
+	if last.IsZero() {
+		lines = append(lines, "No look has succeeded yet.")
+	} else {
+		since = "last success " + ago(last, now)
+		lines = append(lines, fmt.Sprintf("Last success: %s (%s)", last.UTC().Format("2006-01-02T15:04:05.000Z"), ago(last, now)))
+	}
+	if pr != nil {
+		lines = append(lines, fmt.Sprintf("Last known pull request: #%d %s", pr.Number, pr.Title))
+	} else {
+		lines = append(lines, "No pull request was pending at the last success.")
+	}
+	return pr, prStatusView{Text: "Pull requests: " + oneLine(errText, prErrorInline) + " · " + since, Title: strings.Join(lines, "\n")}
+}
+
+// oneLine folds whitespace and control characters into single spaces and
+// shortens s to max characters, as oneLine in src/model.ts does.
+func oneLine(s string, maxChars int) string {
+	var b strings.Builder
+	space := false
+	for _, r := range s {
+		if unicode.IsSpace(r) || unicode.IsControl(r) {
+			space = true
+			continue
+		}
+		if space && b.Len() > 0 {
+			b.WriteByte(' ')
+		}
+		space = false
+		b.WriteRune(r)
+	}
+	flat := []rune(b.String())
+	if len(flat) <= maxChars {
+		return string(flat)
+	}
+	return strings.TrimRightFunc(string(flat[:maxChars-1]), unicode.IsSpace) + "…"
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
@@ -94,6 +95,9 @@ func TestDashboardEscapesHostileStrings(t *testing.T) {
 		Target:        &fleetv1.FleetTarget{GitCommit: "abcdef0123456789", Message: hostile, Error: hostile, Branch: hostile},
 		PendingPr:     &fleetv1.PendingPR{Number: 4, Title: hostile, Mergeable: true},
 		ServerVersion: hostile,
+		// The poll error is text from GitHub: it is escaped like host data.
+		PullRequestsConfigured: true,
+		PullRequestsError:      hostile,
 	}
 	page := render(t, DashboardData{Snapshot: snap, CSRFToken: `tok"en<>`, User: hostile})
 	checkNoActiveContent(t, page)
@@ -124,9 +128,10 @@ func TestDashboardEscapesHostileStrings(t *testing.T) {
 
 func TestDashboardRendersRowsAndCards(t *testing.T) {
 	snap := &fleetv1.Snapshot{
-		Hosts:         []*fleetv1.Host{testHost("web-2"), testHost("db-1"), testHost("web-1")},
-		ServerVersion: "1.2.3",
-		PendingPr:     &fleetv1.PendingPR{Number: 42, Title: "Update flake.lock", Mergeable: true},
+		Hosts:                  []*fleetv1.Host{testHost("web-2"), testHost("db-1"), testHost("web-1")},
+		ServerVersion:          "1.2.3",
+		PendingPr:              &fleetv1.PendingPR{Number: 42, Title: "Update flake.lock", Mergeable: true},
+		PullRequestsConfigured: true,
 		ActiveCommands: []*fleetv1.Command{
 			{CommandId: "c1", HostId: "web-2", Command: "switch", State: typesv1.CommandState_COMMAND_STATE_RUNNING},
 		},
@@ -199,17 +204,17 @@ func TestHostViewStates(t *testing.T) {
 	now := time.Now()
 	h := testHost("a")
 	h.LastSeen = timestamppb.New(now.Add(-90 * time.Second))
-	if v := newHostView(h, nil, false, "1", now); v.State != "stale" || v.LastSeenLevel != "stale" || v.LastSeen != "1m ago" {
+	if v := newHostView(h, nil, nil, "1", now); v.State != "stale" || v.LastSeenLevel != "stale" || v.LastSeen != "1m ago" {
 		t.Errorf("90 s silent: state %q level %q text %q", v.State, v.LastSeenLevel, v.LastSeen)
 	}
 	h.Online = false
-	if v := newHostView(h, nil, false, "1", now); v.State != "offline" || v.Stale {
+	if v := newHostView(h, nil, nil, "1", now); v.State != "offline" || v.Stale {
 		t.Errorf("offline host: state %q stale %v", v.State, v.Stale)
 	}
 	h.Online = true
 	h.LastSeen = timestamppb.New(now)
 	done := &fleetv1.Command{Command: "switch", State: typesv1.CommandState_COMMAND_STATE_SUCCEEDED}
-	if v := newHostView(h, done, false, "1", now); v.Busy || v.State != "online" || v.LastSeenLevel != "ok" {
+	if v := newHostView(h, done, nil, "1", now); v.Busy || v.State != "online" || v.LastSeenLevel != "ok" {
 		t.Errorf("finished command counted as running: %+v", v)
 	}
 }
@@ -271,6 +276,95 @@ func TestAssets(t *testing.T) {
 		}
 		if tc.method == "GET" && rec.Body.Len() < 1000 {
 			t.Errorf("%s: body only %d bytes", tc.path, rec.Body.Len())
+		}
+	}
+}
+
+// TestDashboardPullRequestStatus: the first paint shows the pull-request
+// poll's error next to Bulk Actions with the last success, keeps the last
+// known PR, and shows nothing about pull requests when they are not
+// configured.
+func TestDashboardPullRequestStatus(t *testing.T) {
+	now := time.Now()
+	pr := &fleetv1.PendingPR{Number: 42, Title: "flake.lock: update", Mergeable: true}
+	failing := &fleetv1.Snapshot{
+		Hosts:                  []*fleetv1.Host{testHost("web-1")},
+		PendingPr:              pr,
+		PullRequestsConfigured: true,
+		PullRequestsError:      "GitHub answered 401\nBad credentials",
+		PullRequestsCheckedAt:  timestamppb.New(now.Add(-5 * time.Minute)),
+	}
+	v, err := newDashboardView(DashboardData{Snapshot: failing}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "Pull requests: GitHub answered 401 Bad credentials · last success 5m ago"; v.PRStatus.Text != want {
+		t.Errorf("status line %q, want %q", v.PRStatus.Text, want)
+	}
+	for _, want := range []string{"GitHub answered 401\nBad credentials", "Last success: ", "Last known pull request: #42 flake.lock: update"} {
+		if !strings.Contains(v.PRStatus.Title, want) {
+			t.Errorf("status tooltip lacks %q: %q", want, v.PRStatus.Title)
+		}
+	}
+	if v.PR == nil || v.PR.Number != 42 || !strings.Contains(v.PR.MenuTitle, "looking for pull requests fails") {
+		t.Errorf("the last known PR is not kept for Bulk Actions: %+v", v.PR)
+	}
+	if lock := v.Hosts[0].Comps[2]; lock.Name != "lock" || !lock.HasPR || !strings.Contains(lock.Title, "Pending PR #42") || !strings.Contains(lock.Title, "last known") {
+		t.Errorf("lock compartment %+v", lock)
+	}
+	page := render(t, DashboardData{Snapshot: failing})
+	if !strings.Contains(page, `<span id="pr-status" class="pr-status" data-kind="error" title="Looking for pull requests failed:`) ||
+		!strings.Contains(page, `>Pull requests: GitHub answered 401 Bad credentials · last success 5m ago</span>`) {
+		t.Errorf("page lacks the visible status line")
+	}
+
+	// Never succeeded; a long error is shortened inline, whole in the tooltip.
+	long := strings.Repeat("é", 300)
+	v, err = newDashboardView(DashboardData{Snapshot: &fleetv1.Snapshot{PullRequestsConfigured: true, PullRequestsError: long}}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasSuffix(v.PRStatus.Text, "… · no success yet") || utf8.RuneCountInString(v.PRStatus.Text) > prErrorInline+40 {
+		t.Errorf("long error shown as %q", v.PRStatus.Text)
+	}
+	if !strings.Contains(v.PRStatus.Title, long) || !strings.Contains(v.PRStatus.Title, "No pull request was pending") {
+		t.Errorf("tooltip %q", v.PRStatus.Title)
+	}
+
+	// Looking works: no status line.
+	ok := &fleetv1.Snapshot{PendingPr: pr, PullRequestsConfigured: true, PullRequestsCheckedAt: timestamppb.New(now)}
+	page = render(t, DashboardData{Snapshot: ok})
+	if !strings.Contains(page, `<span id="pr-status" class="pr-status" data-kind="error" hidden></span>`) {
+		t.Errorf("status line shown while looking works")
+	}
+
+	// Not configured: nothing about pull requests, even with a PR and an error.
+	off := &fleetv1.Snapshot{Hosts: []*fleetv1.Host{testHost("web-1")}, PendingPr: pr, PullRequestsError: "boom"}
+	page = render(t, DashboardData{Snapshot: off})
+	for _, bad := range []string{"has-pr", "Pending PR", "boom</span>", `id="merge-deploy" data-action="merge-deploy" title`} {
+		if strings.Contains(page, bad) {
+			t.Errorf("PRs not configured, but the page has %q", bad)
+		}
+	}
+	if !strings.Contains(page, `id="merge-deploy" data-action="merge-deploy" hidden`) || !strings.Contains(page, `id="pr-status" class="pr-status" data-kind="error" hidden`) {
+		t.Errorf("PRs not configured, but Merge & Deploy or the status line is shown")
+	}
+}
+
+func TestOneLine(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		max  int
+		want string
+	}{
+		{"a\n\tb\x00c  ", 10, "a b c"},
+		{"  ", 10, ""},
+		{"abcdef", 6, "abcdef"},
+		{"abc def", 5, "abc…"},
+		{"ééééé", 3, "éé…"},
+	} {
+		if got := oneLine(c.in, c.max); got != c.want {
+			t.Errorf("oneLine(%q, %d) = %q, want %q", c.in, c.max, got, c.want)
 		}
 	}
 }

@@ -7,9 +7,9 @@ import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { FleetService, SnapshotSchema, type Snapshot } from "./gen/nixplane/fleet/v1/fleet_pb";
 import { Account } from "./account";
-import { CommandTracker } from "./commands";
+import { BulkRuns, CommandTracker } from "./commands";
 import { blockReason, describeBlock, errorText } from "./errors";
-import { applyEvent, type BulkInfo } from "./events";
+import { applyEvent, bulkFromProto, bulkProgressText, type BulkInfo } from "./events";
 import { LogPanel } from "./logview";
 import {
   backoffDelay,
@@ -20,13 +20,20 @@ import {
   isBusy,
   isTerminal,
   lineFromProto,
-  prFromProto,
   shortHash,
   type CommandInfo,
   type CompartmentName,
   type HostPatch,
 } from "./model";
-import { newView, renderHostView, RenderScheduler, setOnScreen, type HostView } from "./render";
+import {
+  newView,
+  renderBulkProgress,
+  renderHostView,
+  renderPullRequests,
+  RenderScheduler,
+  setOnScreen,
+  type HostView,
+} from "./render";
 import { Selection } from "./selection";
 import { GlobalStore, HostStore, ServerClock } from "./store";
 import { blockedDialog, confirmDialog, openMenu, showToast } from "./ui";
@@ -97,6 +104,8 @@ const logs = new LogPanel(
 const commands = new CommandTracker();
 /** Bulk runs started from this page: their end gets a toast. */
 const ownBulks = new Set<string>();
+/** Bulk runs not yet ended, shown next to Bulk Actions. */
+const bulks = new BulkRuns();
 
 // ─── rendering ───────────────────────────────────────────────────────────
 
@@ -175,9 +184,11 @@ export function renderHost(id: string): void {
   const h = hostStore.get(id);
   const vs = views.get(id);
   if (!h || !vs) return;
+  const g = globalState.state;
   const ctx = {
     now: clock.serverNow(),
-    pendingPR: globalState.state.pendingPR,
+    pendingPR: g.pullRequestsConfigured ? g.pendingPR : null,
+    prUnchecked: g.pullRequestsError !== "",
     serverVersion: globalState.state.serverVersion,
     selected: selection.has(id),
   };
@@ -223,13 +234,12 @@ function renderGlobal(): void {
   if (el("fleet-target").title !== targetTitle) el("fleet-target").title = targetTitle;
   setText("server-version", g.serverVersion || "—");
 
-  const pr = g.pendingPR;
-  const merge = el<HTMLButtonElement>("merge-deploy");
-  merge.hidden = pr === null;
-  el("merge-deploy-sep").hidden = pr === null;
-  setText("merge-deploy-number", pr ? String(pr.number) : "");
-  merge.disabled = pr !== null && !pr.mergeable;
-  merge.title = pr ? (pr.mergeable ? pr.title : `${pr.title} (cannot be merged)`) : "";
+  renderPullRequests(
+    { status: el("pr-status"), merge: el<HTMLButtonElement>("merge-deploy"), mergeSep: el("merge-deploy-sep"), mergeNumber: el("merge-deploy-number") },
+    globalState.pullRequests(),
+    now,
+  );
+  renderBulkProgress(el("bulk-progress"), bulks.running());
 
   const conn = el("connection-state");
   conn.dataset.state = g.connection;
@@ -414,6 +424,7 @@ const sink = {
     if (resync || streams > 1) {
       for (const id of logs.book.tabs.keys()) void loadHistory(id);
       void settleOwnCommands(new Set(active.map((c) => c.id)));
+      void settleBulks();
     }
   },
   commandQueued(cmd: CommandInfo): void {
@@ -433,11 +444,36 @@ const sink = {
     noteCommand(cmd);
   },
   bulkProgress(b: BulkInfo): void {
-    if (!ownBulks.has(b.id) || b.state === "running" || b.state === "unknown") return;
-    ownBulks.delete(b.id);
-    showToast(`${b.command} on ${b.total} hosts: ${b.state}${b.message ? ` — ${b.message}` : ""}`, b.state === "succeeded" ? "ok" : "error");
+    noteBulk(b);
   },
 };
+
+/**
+ * noteBulk takes a bulk run's state from an event or an RPC answer: running
+ * runs show next to Bulk Actions, and the end of one this page started is
+ * reported once.
+ */
+function noteBulk(b: BulkInfo): void {
+  const cur = bulks.seen(b);
+  scheduler.global();
+  if (!cur || cur.state === "running" || cur.state === "unknown" || !ownBulks.delete(cur.id)) return;
+  showToast(bulkProgressText(cur), cur.state === "succeeded" ? "ok" : "error");
+}
+
+/** settleBulks asks for the runs shown as running whose end the stream may have missed. */
+async function settleBulks(): Promise<void> {
+  for (const b of bulks.running()) {
+    try {
+      const res = await client.getBulkCommand({ bulkId: b.id });
+      if (res.bulk) noteBulk(bulkFromProto(res.bulk));
+      else bulks.forget(b.id);
+    } catch (err) {
+      if (ConnectError.from(err).code === Code.NotFound) bulks.forget(b.id);
+      else console.warn("bulk run state unavailable", b.id, err);
+    }
+  }
+  scheduler.global();
+}
 
 /** loadHistory fills a tab with the host's latest command log. */
 async function loadHistory(hostId: string): Promise<void> {
@@ -500,7 +536,7 @@ async function refreshHost(id: string): Promise<void> {
       patch = { online: res.online, generation: res.generation, agentVersion: res.agentVersion, agentOutdated: res.agentOutdated };
     }
     hostStore.update(id, patch);
-    globalState.update({ pendingPR: prFromProto(res.pendingPr) });
+    globalState.notePullRequests({ pendingPr: res.pendingPr });
     if (!res.refreshed) showToast(`${hostName(id)} did not answer in time; showing its last known status`, "info");
   } catch (err) {
     const ce = ConnectError.from(err);
@@ -638,7 +674,10 @@ async function bulk(command: string, hostIds: string[], all: boolean): Promise<v
   }
   try {
     const res = await client.runBulkCommand({ command, hostIds, all });
-    if (res.bulk) ownBulks.add(res.bulk.bulkId);
+    if (res.bulk) {
+      ownBulks.add(res.bulk.bulkId);
+      noteBulk(bulkFromProto(res.bulk));
+    }
     showToast(`${label} started on ${all ? "all hosts" : `${hostIds.length} hosts`}`, "info");
     scheduler.global();
   } catch (err) {
@@ -660,8 +699,15 @@ async function mergeAndDeploy(): Promise<void> {
   if (!c.ok) return;
   try {
     const res = await client.mergeAndDeploy({ prNumber: pr.number, hostIds: chosen });
-    if (res.bulk) ownBulks.add(res.bulk.bulkId);
-    showToast(`Merging PR #${pr.number} and deploying`, "info");
+    if (res.bulk) {
+      ownBulks.add(res.bulk.bulkId);
+      const b = bulkFromProto(res.bulk);
+      noteBulk(b);
+      const commit = b.commit ? ` (${shortHash(b.commit)})` : "";
+      showToast(`Merged PR #${b.prNumber || pr.number}${commit}; deploying`, "info");
+    } else {
+      showToast(`Merging PR #${pr.number} and deploying`, "info");
+    }
   } catch (err) {
     showToast(errorText(err, "Merge & Deploy"), "error");
   }

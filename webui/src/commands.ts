@@ -5,6 +5,7 @@
 // older "running"), and a command started from this page is reported once,
 // whichever of its end and its RunCommand answer comes second.
 
+import type { BulkInfo } from "./events";
 import { isTerminal, type CommandInfo, type CommandStateName } from "./model";
 
 /** Commands remembered; the oldest is forgotten first. */
@@ -84,5 +85,50 @@ export class CommandTracker {
   /** pending lists the page's own commands whose end has not arrived. */
   pending(): string[] {
     return Array.from(this.mine);
+  }
+}
+
+/** Ended bulk runs remembered, so a late "running" cannot bring one back. */
+export const TRACKED_BULKS = 100;
+
+/**
+ * BulkRuns holds the bulk runs the page has heard of: the running ones are
+ * shown next to Bulk Actions until they end. An ended run never comes back
+ * to running, and a running one never loses progress to an older event.
+ */
+export class BulkRuns {
+  private readonly runs = new Map<string, BulkInfo>();
+  private readonly ended = new Set<string>();
+
+  constructor(private readonly limit = TRACKED_BULKS) {}
+
+  /** seen records a run's state and returns the latest view, or null when it is ignored. */
+  seen(b: BulkInfo): BulkInfo | null {
+    if (!b.id || this.ended.has(b.id)) return null;
+    const cur = this.runs.get(b.id);
+    if (b.state === "running" || b.state === "unknown") {
+      if (cur && b.done < cur.done) return cur;
+      const next = cur ? { ...b, prNumber: b.prNumber || cur.prNumber, commit: b.commit || cur.commit } : b;
+      this.runs.set(b.id, next);
+      return next;
+    }
+    this.runs.delete(b.id);
+    this.ended.add(b.id);
+    while (this.ended.size > this.limit) {
+      const oldest = this.ended.values().next().value;
+      if (oldest === undefined) break;
+      this.ended.delete(oldest);
+    }
+    return cur ? { ...b, prNumber: b.prNumber || cur.prNumber, commit: b.commit || cur.commit } : b;
+  }
+
+  /** running lists the runs not yet ended, in the order they were first heard of. */
+  running(): BulkInfo[] {
+    return Array.from(this.runs.values());
+  }
+
+  /** forget drops a running run whose end the page can no longer learn. */
+  forget(id: string): void {
+    this.runs.delete(id);
   }
 }

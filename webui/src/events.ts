@@ -11,7 +11,7 @@ import {
   isTerminal,
   lineFromProto,
   metricsFromProto,
-  prFromProto,
+  shortHash,
   targetFromProto,
   tsMs,
   type CommandInfo,
@@ -28,6 +28,9 @@ export interface BulkInfo {
   done: number;
   total: number;
   message: string;
+  /** For merge-and-deploy: the merged PR (0 when unknown) and the commit deployed. */
+  prNumber: number;
+  commit: string;
 }
 
 /** EventSink receives what is not host or global state: logs, command and bulk news. */
@@ -65,8 +68,36 @@ export function bulkFromProto(b: BulkCommand): BulkInfo {
     state: states[b.state] ?? "unknown",
     done,
     total: results.length,
-    message: b.message,
+    message: typeof b.message === "string" ? b.message : "",
+    prNumber: typeof b.prNumber === "number" && Number.isInteger(b.prNumber) && b.prNumber > 0 ? b.prNumber : 0,
+    commit: typeof b.commit === "string" ? b.commit : "",
   };
+}
+
+/**
+ * bulkLabel names a bulk run for people: "Merge & Deploy PR #42 (abc1234)"
+ * for a merge-and-deploy, "Do All" for do-all, else the command.
+ */
+export function bulkLabel(b: Pick<BulkInfo, "command" | "prNumber" | "commit">): string {
+  switch (b.command) {
+    case "merge-and-deploy": {
+      let s = "Merge & Deploy";
+      if (b.prNumber > 0) s += ` PR #${b.prNumber}`;
+      if (b.commit) s += ` (${shortHash(b.commit)})`;
+      return s;
+    }
+    case "do-all":
+      return "Do All";
+    default:
+      return b.command || "bulk run";
+  }
+}
+
+/** bulkProgressText is a bulk run's progress line: "Merge & Deploy PR #42 (abc1234): 3/10 hosts". */
+export function bulkProgressText(b: BulkInfo): string {
+  const label = bulkLabel(b);
+  if (b.state === "running") return b.total > 0 ? `${label}: ${b.done}/${b.total} hosts` : `${label}…`;
+  return `${label} on ${b.total} hosts: ${b.state}${b.message ? ` — ${b.message}` : ""}`;
 }
 
 function hostIdOf(v: unknown): string {
@@ -184,7 +215,7 @@ function apply(ev: unknown, s: Stores): boolean {
       return h !== undefined;
     }
     case "pendingPrChanged": {
-      s.global.update({ pendingPR: prFromProto(kind.value.pendingPr) });
+      s.global.notePullRequests(kind.value);
       return true;
     }
     case "targetChanged": {

@@ -140,9 +140,9 @@ export interface LogLine {
   time: number | null;
 }
 
-/** tsMs converts an optional Timestamp to epoch milliseconds. */
+/** tsMs converts an optional Timestamp to epoch milliseconds; a malformed one is null. */
 export function tsMs(ts: Timestamp | undefined): number | null {
-  if (!ts) return null;
+  if (!ts || typeof ts !== "object") return null;
   const ms = timestampMs(ts);
   return Number.isFinite(ms) && ms > 0 ? ms : null;
 }
@@ -307,6 +307,77 @@ export function prFromProto(p: PendingPR | undefined): PendingPRState | null {
   return { number: p.number, title: str(p.title), url: str(p.url), mergeable: p.mergeable === true };
 }
 
+/** The pull-request poll's health as the page keeps it. */
+export interface PullRequestsPoll {
+  /** PR support is configured on the server. */
+  configured: boolean;
+  /** Why the last look for pull requests failed; empty when it worked. */
+  error: string;
+  /** When pull requests were last looked for successfully, epoch ms. */
+  checkedAt: number | null;
+  /** The pending PR, or the last one known while looking fails. */
+  pendingPR: PendingPRState | null;
+}
+
+/** What a snapshot, PendingPRChanged event or refresh answer says about pull requests. */
+export interface PullRequestsNews {
+  pendingPr?: PendingPR | undefined;
+  pullRequestsError?: unknown;
+  pullRequestsCheckedAt?: Timestamp | undefined;
+}
+
+/**
+ * nextPullRequestsPoll applies news about pull requests. A field that is
+ * absent or malformed leaves what the page knew: an error that is not a
+ * string is ignored, a missing or broken time keeps the last success, and
+ * the last success never moves back. While looking fails, a missing PR
+ * keeps the last known one (the server cannot know it is gone).
+ */
+export function nextPullRequestsPoll(cur: PullRequestsPoll, news: PullRequestsNews, withPR = true): PullRequestsPoll {
+  const next = { ...cur };
+  if (typeof news.pullRequestsError === "string") next.error = news.pullRequestsError.trim();
+  const at = tsMs(news.pullRequestsCheckedAt);
+  if (at !== null && (cur.checkedAt === null || at > cur.checkedAt)) next.checkedAt = at;
+  if (withPR) {
+    const pr = prFromProto(news.pendingPr);
+    next.pendingPR = pr === null && next.error !== "" ? cur.pendingPR : pr;
+  }
+  return next;
+}
+
+/** The longest poll error shown inline; the tooltip holds all of it. */
+export const PR_ERROR_INLINE = 160;
+
+/** oneLine folds whitespace and control characters and shortens to max characters. */
+export function oneLine(s: string, max: number): string {
+  const flat = s.replace(/[\u0000-\u001f\u007f-\u009f\s]+/gu, " ").trim();
+  const chars = Array.from(flat);
+  return chars.length <= max ? flat : `${chars.slice(0, max - 1).join("").trimEnd()}…`;
+}
+
+/** The pull-request status line near Bulk Actions. */
+export interface PullRequestsStatus {
+  /** Nothing to show: PRs not configured, or looking works. */
+  hidden: boolean;
+  text: string;
+  title: string;
+}
+
+/**
+ * pullRequestsStatus derives the status line: shown only when PRs are
+ * configured and the last look failed, naming the error and the last
+ * success; the tooltip adds the whole error and the PR the page keeps.
+ */
+export function pullRequestsStatus(p: PullRequestsPoll, now: number): PullRequestsStatus {
+  if (!p.configured || p.error === "") return { hidden: true, text: "", title: "" };
+  const since = p.checkedAt === null ? "no success yet" : `last success ${formatAge(p.checkedAt, now)}`;
+  const text = `Pull requests: ${oneLine(p.error, PR_ERROR_INLINE)} · ${since}`;
+  const lines = ["Looking for pull requests failed:", p.error];
+  lines.push(p.checkedAt === null ? "No look has succeeded yet." : `Last success: ${new Date(p.checkedAt).toISOString()} (${formatAge(p.checkedAt, now)})`);
+  lines.push(p.pendingPR ? `Last known pull request: #${p.pendingPR.number} ${p.pendingPR.title}` : "No pull request was pending at the last success.");
+  return { hidden: false, text, title: lines.join("\n") };
+}
+
 /** lineFromProto converts one output line. */
 export function lineFromProto(l: OutputLine): LogLine {
   const stream = l.stream === OutputStream.STDERR ? "stderr" : l.stream === OutputStream.SYSTEM ? "system" : "stdout";
@@ -442,11 +513,15 @@ export function compartmentTooltip(
   c: CompartmentState,
   now: number,
   pr: PendingPRState | null,
+  prUnchecked = false,
 ): string {
   const lines = [`${compLabels[name]}: ${c.status}`];
   if (c.message) lines.push(c.message);
   lines.push(c.checkedAt === null ? "Not checked yet" : `Checked ${formatAge(c.checkedAt, now)}`);
-  if (name === "lock" && pr) lines.push(`Pending PR #${pr.number}: ${pr.title}`);
+  if (name === "lock" && pr) {
+    lines.push(`Pending PR #${pr.number}: ${pr.title}`);
+    if (prUnchecked) lines.push("(last known: pull requests cannot be checked now)");
+  }
   return lines.join("\n");
 }
 

@@ -7,6 +7,7 @@
 // The element types are structural, so node tests drive these functions
 // with small fake elements instead of a browser DOM.
 
+import { bulkProgressText, type BulkInfo } from "./events";
 import {
   COMPARTMENTS,
   HIGH_METRIC,
@@ -17,11 +18,13 @@ import {
   isBusy,
   lastSeenView,
   metricText,
+  pullRequestsStatus,
   safeColor,
   shortHash,
   type CompartmentName,
   type HostState,
   type PendingPRState,
+  type PullRequestsPoll,
 } from "./model";
 
 /** El is the part of an element the render functions use. */
@@ -82,6 +85,8 @@ export interface RenderContext {
   /** Estimated server time, epoch ms. */
   now: number;
   pendingPR: PendingPRState | null;
+  /** The pending PR is the last one known: looking for pull requests fails. */
+  prUnchecked?: boolean;
   serverVersion: string;
   selected: boolean;
 }
@@ -276,11 +281,77 @@ export function renderHostView(v: HostView, h: HostState, ctx: RenderContext): v
     if (!el) continue;
     const c = h.updateStatus[name];
     data(v, `comp.${name}`, el, "status", c.status);
-    title(v, `comp.${name}`, el, compartmentTooltip(name, c, ctx.now, ctx.pendingPR));
+    title(v, `comp.${name}`, el, compartmentTooltip(name, c, ctx.now, ctx.pendingPR, ctx.prUnchecked === true));
     if (name === "lock") cls(v, "comp.lock", el, "has-pr", ctx.pendingPR !== null);
   }
 
   cls(v, "refresh", v.fields.refresh, "loading", h.refreshing);
+}
+
+/** PanelEl is an element that can be hidden. */
+export interface PanelEl extends El {
+  hidden: boolean | string;
+}
+
+/** ButtonEl is a button. */
+export interface ButtonEl extends PanelEl {
+  disabled: boolean;
+}
+
+/** The page-wide elements that show pull requests. */
+export interface PullRequestEls {
+  /** The status line next to Bulk Actions, shown while looking fails. */
+  status: PanelEl;
+  /** The Merge & Deploy entry in Bulk Actions, its separator and number. */
+  merge: ButtonEl;
+  mergeSep: PanelEl;
+  mergeNumber: El;
+}
+
+function setText(e: El, value: string): void {
+  if (e.textContent !== value) e.textContent = value;
+}
+
+function setTitle(e: El, value: string): void {
+  if (e.title !== value) e.title = value;
+}
+
+function setHidden(e: PanelEl, value: boolean): void {
+  if (e.hidden !== value) e.hidden = value;
+}
+
+/**
+ * renderPullRequests writes the pull-request parts of Bulk Actions: the
+ * Merge & Deploy entry for the pending (or last known) PR and, while looking
+ * for pull requests fails, a status line naming the error and the last
+ * success. Without PR support configured, none of it shows.
+ */
+export function renderPullRequests(e: PullRequestEls, p: PullRequestsPoll, now: number): void {
+  const st = pullRequestsStatus(p, now);
+  setHidden(e.status, st.hidden);
+  setText(e.status, st.text);
+  setTitle(e.status, st.title);
+  if (e.status.dataset.kind !== "error") e.status.dataset.kind = "error";
+
+  const pr = p.configured ? p.pendingPR : null;
+  setHidden(e.merge, pr === null);
+  setHidden(e.mergeSep, pr === null);
+  setText(e.mergeNumber, pr ? String(pr.number) : "");
+  const disabled = pr !== null && !pr.mergeable;
+  if (e.merge.disabled !== disabled) e.merge.disabled = disabled;
+  let mergeTitle = "";
+  if (pr) {
+    mergeTitle = pr.mergeable ? pr.title : `${pr.title} (cannot be merged)`;
+    if (!st.hidden) mergeTitle += `\nLast known pull request: looking for pull requests fails (${p.error})`;
+  }
+  setTitle(e.merge, mergeTitle);
+}
+
+/** renderBulkProgress writes the running bulk runs next to Bulk Actions; none hides it. */
+export function renderBulkProgress(e: PanelEl, runs: BulkInfo[]): void {
+  setHidden(e, runs.length === 0);
+  setText(e, runs.map(bulkProgressText).join(" · "));
+  setTitle(e, runs.map((b) => [bulkProgressText(b), b.message].filter(Boolean).join(" — ")).join("\n"));
 }
 
 /** Heartbeat-only changes are drawn at most this often (ms). */

@@ -8,11 +8,13 @@ import {
   compareHosts,
   hostFromProto,
   mergeHost,
-  prFromProto,
+  nextPullRequestsPoll,
   targetFromProto,
   type HostPatch,
   type HostState,
   type PendingPRState,
+  type PullRequestsNews,
+  type PullRequestsPoll,
   type TargetState,
 } from "./model";
 
@@ -127,6 +129,10 @@ export type ConnectionState = "connecting" | "open" | "reconnecting" | "paused" 
 export interface GlobalData {
   pendingPR: PendingPRState | null;
   pullRequestsConfigured: boolean;
+  /** Why the last look for pull requests failed; empty when it worked. */
+  pullRequestsError: string;
+  /** When pull requests were last looked for successfully, epoch ms. */
+  pullRequestsCheckedAt: number | null;
   target: TargetState | null;
   serverVersion: string;
   connection: ConnectionState;
@@ -143,6 +149,8 @@ export class GlobalStore {
   readonly state: GlobalData = {
     pendingPR: null,
     pullRequestsConfigured: false,
+    pullRequestsError: "",
+    pullRequestsCheckedAt: null,
     target: null,
     serverVersion: "",
     connection: "connecting",
@@ -169,12 +177,31 @@ export class GlobalStore {
 
   /** hydrate loads the snapshot's fleet-wide facts. */
   hydrate(s: Snapshot): void {
+    const configured = s.pullRequestsConfigured === true;
+    const poll = nextPullRequestsPoll({ ...this.pullRequests(), configured }, s);
     this.update({
-      pendingPR: prFromProto(s.pendingPr),
-      pullRequestsConfigured: s.pullRequestsConfigured === true,
+      pendingPR: poll.pendingPR,
+      pullRequestsConfigured: configured,
+      pullRequestsError: poll.error,
+      pullRequestsCheckedAt: poll.checkedAt,
       target: targetFromProto(s.target),
       serverVersion: typeof s.serverVersion === "string" ? s.serverVersion : "",
     });
+  }
+
+  /** pullRequests is the pull-request poll's state. */
+  pullRequests(): PullRequestsPoll {
+    const g = this.state;
+    return { configured: g.pullRequestsConfigured, error: g.pullRequestsError, checkedAt: g.pullRequestsCheckedAt, pendingPR: g.pendingPR };
+  }
+
+  /**
+   * notePullRequests applies a PendingPRChanged event or a refresh answer
+   * (see nextPullRequestsPoll); withPR false leaves the pending PR alone.
+   */
+  notePullRequests(news: PullRequestsNews, withPR = true): void {
+    const poll = nextPullRequestsPoll(this.pullRequests(), news, withPR);
+    this.update({ pendingPR: poll.pendingPR, pullRequestsError: poll.error, pullRequestsCheckedAt: poll.checkedAt });
   }
 }
 

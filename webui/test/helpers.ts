@@ -48,6 +48,8 @@ export class FakeEl implements El {
   textWrites = 0;
   title = "";
   checked = false;
+  hidden: boolean | string = false;
+  disabled = false;
   readonly classes = new Set<string>();
   readonly dataset: { [key: string]: string | undefined } = {};
   readonly attrs = new Map<string, string>();
