@@ -190,6 +190,15 @@ func TestUpgradeFromSchemaV1(t *testing.T) {
 		t.Fatalf("LastUsedAt = %v", tok.LastUsedAt)
 	}
 	wantErr(t, up.SetSetting(ctx, "k", "v"), nil)
+
+	// What migration 0004 added: bulk runs, none unfinished after the upgrade.
+	if un, err := up.UnfinishedBulks(ctx); err != nil || len(un) != 0 {
+		t.Fatalf("UnfinishedBulks after upgrade = %v, %v", un, err)
+	}
+	wantErr(t, up.SaveBulk(ctx, bulkRun("bulk-after-upgrade", t0, fleetv1.BulkState_BULK_STATE_RUNNING)), nil)
+	if un, err := up.UnfinishedBulks(ctx); err != nil || len(un) != 1 || un[0].Bulk.Results[0].Command.GetCommandId() != "cmd-a" {
+		t.Fatalf("UnfinishedBulks = %v, %v", un, err)
+	}
 }
 
 func TestRefuseNewerSchema(t *testing.T) {

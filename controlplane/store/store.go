@@ -1,6 +1,6 @@
 // Package store keeps nixplane's durable state: hosts and their agent-token
 // hashes, users and sessions, API tokens, command runs with their full logs,
-// the audit log and settings.
+// bulk runs, the audit log and settings.
 //
 // Callers depend on the small per-resource interfaces below, never on the
 // SQLite type, so another backend (PostgreSQL, for several replicas) can be
@@ -174,6 +174,57 @@ type Settings interface {
 	SetSetting(ctx context.Context, key, value string) error
 }
 
+// BulkRun is the durable record of a bulk run: what readers see, and what a
+// restarted server needs to continue it.
+type BulkRun struct {
+	// Bulk is the run as the API returns it. A run is unfinished while its
+	// state is RUNNING.
+	Bulk *fleetv1.BulkCommand
+	// Plan says how to continue the run.
+	Plan BulkPlan
+}
+
+// BulkPlan is how a bulk run proceeds: every host runs Steps in order,
+// batch after batch, and the run halts when more than MaxFailures hosts
+// failed. Hosts records each host's progress, so that a restarted server
+// neither repeats nor skips a step.
+type BulkPlan struct {
+	Steps   []string   `json:"steps"`
+	Batches [][]string `json:"batches"`
+	// Concurrency bounds hosts at once within a batch.
+	Concurrency int  `json:"concurrency"`
+	Force       bool `json:"force,omitempty"`
+	// MaxFailures below zero never halts.
+	MaxFailures int `json:"max_failures"`
+	// Hosts holds the progress of hosts that started; a host absent has
+	// not started.
+	Hosts map[string]BulkHostProgress `json:"hosts,omitempty"`
+}
+
+// BulkHostProgress is one host's progress in a bulk run.
+type BulkHostProgress struct {
+	// Step is the index in Steps of the step started last.
+	Step int `json:"step"`
+	// CommandID is that step's command; empty until it was queued.
+	CommandID string `json:"command_id,omitempty"`
+	// Ended says the host's part is over; OK that every step succeeded.
+	Ended bool `json:"ended,omitempty"`
+	OK    bool `json:"ok,omitempty"`
+}
+
+// Bulks stores bulk runs.
+type Bulks interface {
+	// SaveBulk inserts or replaces a run by its bulk id.
+	SaveBulk(ctx context.Context, r BulkRun) error
+	// GetBulk returns a run; ErrNotFound if absent.
+	GetBulk(ctx context.Context, id string) (BulkRun, error)
+	// UnfinishedBulks returns the runs still RUNNING, oldest first.
+	UnfinishedBulks(ctx context.Context) ([]BulkRun, error)
+	// PruneBulks deletes ended runs but the newest keep (by creation) and
+	// returns how many it deleted. Unfinished runs are never deleted.
+	PruneBulks(ctx context.Context, keep int) (int, error)
+}
+
 // Store is every interface at once: what a backend implements. Callers take
 // the narrow interface they use.
 type Store interface {
@@ -184,5 +235,6 @@ type Store interface {
 	Commands
 	Audit
 	Settings
+	Bulks
 	Close() error
 }
