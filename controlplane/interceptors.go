@@ -4,6 +4,8 @@ import (
 	"context"
 	"log/slog"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"time"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
@@ -65,6 +67,9 @@ func auditUnary(a store.Audit, policy auth.Policy, log *slog.Logger) grpc.UnaryS
 			ev.HostID = c.GetCommand().HostId
 			ev.Detail = c.GetCommand().Command + " " + c.GetCommand().CommandId
 		}
+		if b, ok := resp.(interface{ GetBulk() *fleetv1.BulkCommand }); ok && b.GetBulk() != nil {
+			ev.Detail = validate.Printable(strings.TrimSpace(ev.Detail+" "+b.GetBulk().BulkId), 200)
+		}
 		if aerr := a.AppendAudit(context.WithoutCancel(ctx), ev); aerr != nil {
 			log.Warn("write audit record", "err", aerr)
 		}
@@ -102,6 +107,12 @@ func auditFields(m proto.Message) (host, detail string) {
 				detail += " "
 			}
 			detail += v
+		}
+	}
+	// The PR a merge-and-deploy asked for.
+	if fd := fields.ByName("pr_number"); fd != nil && fd.Kind() == protoreflect.Int32Kind {
+		if n := r.Get(fd).Int(); n != 0 {
+			detail = strings.TrimSpace(detail + " PR #" + strconv.FormatInt(n, 10))
 		}
 	}
 	// Bounded between characters and without control characters: a cut

@@ -5,7 +5,8 @@
 // A [Poller] looks for the open pull request that updates flake.lock, by a
 // rule that is explicit and configurable ([Rule]): it targets the deployed
 // branch, is not a draft, carries one of the rule's labels or has a title
-// matching its pattern, and really changes flake.lock. The newest such PR
+// matching its pattern, and changes flake.lock and nothing but flake.lock
+// files (a PR that carries code is not an input update). The newest such PR
 // wins. Each change of the pending PR is handed to a callback (the hub, which
 // publishes PendingPRChanged). A failing poll keeps the last known PR, is
 // logged and is kept as [Poller.Health]: a GitHub outage never looks like
@@ -23,6 +24,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path"
 	"regexp"
 	"slices"
 	"strings"
@@ -466,21 +468,28 @@ func (p *Poller) changesLock(ctx context.Context, pr *gh.PullRequest) (bool, err
 	return v, nil
 }
 
-// listChangesLock asks GitHub whether PR number changes flake.lock.
+// listChangesLock asks GitHub whether PR number is a pure lock update: it
+// changes flake.lock and nothing but flake.lock files. A PR that also
+// changes other files carries code, not only input updates, and one click
+// must not merge and deploy code nobody reviewed as such.
 func (p *Poller) listChangesLock(ctx context.Context, number int) (bool, error) {
 	opt := &gh.ListOptions{PerPage: 100}
+	rootLock := false
 	for page := 0; page < 30; page++ { // GitHub lists at most 3000 files
 		files, resp, err := p.client.PullRequests.ListFiles(ctx, p.owner, p.name, number, opt)
 		if err != nil {
 			return false, apiError(fmt.Sprintf("list files of pull request #%d", number), err)
 		}
 		for _, f := range files {
-			if f.GetFilename() == LockFile || f.GetPreviousFilename() == LockFile {
-				return true, nil
+			if path.Base(f.GetFilename()) != LockFile {
+				return false, nil
+			}
+			if f.GetFilename() == LockFile {
+				rootLock = true
 			}
 		}
 		if resp == nil || resp.NextPage == 0 {
-			return false, nil
+			return rootLock, nil
 		}
 		opt.Page = resp.NextPage
 	}

@@ -405,7 +405,7 @@ func TestMergeRefusesAHeadThatMovedSinceTheCheck(t *testing.T) {
 	if _, err := p.Merge(f.ctx, int32(other), "alice"); !errors.Is(err, ErrNotMergeable) || !strings.Contains(err.Error(), "not the pending") {
 		t.Fatalf("merge of another PR: err = %v, want ErrNotMergeable naming the pending PR", err)
 	}
-	f.commit("u", "u", map[string]string{"hosts/web/extra.nix": "{ }\n"}, "sneak in a change")
+	f.commit("u", "u", map[string]string{"flake.lock": lock(3)}, "flake.lock: Update again")
 	_, err := p.Merge(f.ctx, int32(n), "alice")
 	if !errors.Is(err, ErrNotMergeable) || !strings.Contains(err.Error(), "moved") {
 		t.Fatalf("merge after the head moved: err = %v, want ErrNotMergeable saying the head moved", err)
@@ -422,5 +422,28 @@ func TestMergeRefusesAHeadThatMovedSinceTheCheck(t *testing.T) {
 	}
 	if _, err := p.Merge(f.ctx, int32(n), "alice"); err != nil {
 		t.Fatalf("merge after a new check: %v", err)
+	}
+}
+
+// TestLockUpdateThatCarriesCodeIsNotPending: a PR that changes flake.lock
+// and other files is not a flake-update PR — one click must not merge and
+// deploy code — while lock files of sub-flakes may come along.
+func TestLockUpdateThatCarriesCodeIsNotPending(t *testing.T) {
+	f := newFixture(t)
+	f.commit("mixed", "main", map[string]string{"flake.lock": lock(2), "hosts/web/extra.nix": "{ }\n"}, "flake.lock: Update")
+	f.open(standin.PR{Title: "flake.lock: Update", Head: "mixed"})
+	p := f.poller(nil)
+	if pr, err := p.Poll(f.ctx); err != nil || pr != nil {
+		t.Fatalf("poll with only a mixed PR: %v, %v; want none pending", pr, err)
+	}
+	f.commit("sub", "main", map[string]string{"flake.lock": lock(3), "tools/flake.lock": lock(4)}, "flake.lock: Update")
+	n := f.open(standin.PR{Title: "flake.lock: Update", Head: "sub"})
+	if pr, err := p.Poll(f.ctx); err != nil || pr.GetNumber() != int32(n) {
+		t.Fatalf("poll with a root and sub-flake lock update: %v, %v; want #%d", pr, err, n)
+	}
+	f.commit("subonly", "main", map[string]string{"tools/flake.lock": lock(5)}, "flake.lock: Update tools")
+	f.open(standin.PR{Title: "flake.lock: Update tools", Head: "subonly"})
+	if pr, err := p.Poll(f.ctx); err != nil || pr.GetNumber() != int32(n) {
+		t.Fatalf("a sub-flake-only update displaced #%d: %v, %v", n, pr, err)
 	}
 }
