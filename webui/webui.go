@@ -167,7 +167,9 @@ type prView struct {
 // prStatusView is the status line next to Bulk Actions while looking for
 // pull requests fails; Text is empty when it is hidden.
 type prStatusView struct {
-	Text  string
+	Text  string // Error + " " + Since
+	Error string // "Pull requests: ERROR", shortened on screen when long
+	Since string // "· last success 5m ago", always shown whole
 	Title string
 }
 
@@ -260,12 +262,12 @@ func pullRequestsView(snap *fleetv1.Snapshot, now time.Time) (*prView, prStatusV
 	if errText == "" {
 		return pr, prStatusView{}
 	}
-	since := "no success yet"
+	since := "· no success yet"
 	lines := []string{"Looking for pull requests failed:", errText}
 	if last.IsZero() {
 		lines = append(lines, "No look has succeeded yet.")
 	} else {
-		since = "last success " + ago(last, now)
+		since = "· last success " + ago(last, now)
 		lines = append(lines, fmt.Sprintf("Last success: %s (%s)", last.UTC().Format("2006-01-02T15:04:05.000Z"), ago(last, now)))
 	}
 	if pr != nil {
@@ -273,7 +275,8 @@ func pullRequestsView(snap *fleetv1.Snapshot, now time.Time) (*prView, prStatusV
 	} else {
 		lines = append(lines, "No pull request was pending at the last success.")
 	}
-	return pr, prStatusView{Text: "Pull requests: " + oneLine(errText, prErrorInline) + " · " + since, Title: strings.Join(lines, "\n")}
+	msg := "Pull requests: " + oneLine(errText, prErrorInline)
+	return pr, prStatusView{Text: msg + " " + since, Error: msg, Since: since, Title: strings.Join(lines, "\n")}
 }
 
 // oneLine folds whitespace and control characters into single spaces and

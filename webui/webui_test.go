@@ -314,7 +314,7 @@ func TestDashboardPullRequestStatus(t *testing.T) {
 	}
 	page := render(t, DashboardData{Snapshot: failing})
 	if !strings.Contains(page, `<span id="pr-status" class="pr-status" data-kind="error" title="Looking for pull requests failed:`) ||
-		!strings.Contains(page, `>Pull requests: GitHub answered 401 Bad credentials · last success 5m ago</span>`) {
+		!strings.Contains(page, `><span id="pr-status-error" class="pr-status-error">Pull requests: GitHub answered 401 Bad credentials</span><span id="pr-status-since" class="pr-status-since"> · last success 5m ago</span></span>`) {
 		t.Errorf("page lacks the visible status line")
 	}
 
@@ -334,7 +334,7 @@ func TestDashboardPullRequestStatus(t *testing.T) {
 	// Looking works: no status line.
 	ok := &fleetv1.Snapshot{PendingPr: pr, PullRequestsConfigured: true, PullRequestsCheckedAt: timestamppb.New(now)}
 	page = render(t, DashboardData{Snapshot: ok})
-	if !strings.Contains(page, `<span id="pr-status" class="pr-status" data-kind="error" hidden></span>`) {
+	if !strings.Contains(page, `<span id="pr-status" class="pr-status" data-kind="error" hidden><span id="pr-status-error" class="pr-status-error"></span><span id="pr-status-since" class="pr-status-since"></span></span>`) {
 		t.Errorf("status line shown while looking works")
 	}
 

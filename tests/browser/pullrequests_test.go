@@ -58,8 +58,12 @@ func TestPullRequestPollError(t *testing.T) {
 			t.Errorf("status tooltip lacks %q: %q", w, title)
 		}
 	}
-	if n := evalT[int](b, `document.querySelectorAll('img[src="x"]').length + document.querySelectorAll("#pr-status *").length`); n != 0 {
+	if n := evalT[int](b, `document.querySelectorAll('img[src="x"]').length + document.querySelectorAll("#pr-status-error *, #pr-status-since *").length`); n != 0 {
 		t.Errorf("the error text created %d elements", n)
+	}
+	// The last success is never cut off, however long the error.
+	if !evalT[bool](b, `(() => { const o = `+status+`.getBoundingClientRect(), s = document.querySelector("#pr-status-since").getBoundingClientRect(); return s.width > 0 && s.left >= o.left && s.right <= o.right + 0.5; })()`) {
+		t.Error("the last success is not shown whole")
 	}
 	// It sits with Bulk Actions, in the toolbar, left of its button; no banner.
 	if !evalT[bool](b, `(() => { const s = `+status+`.getBoundingClientRect(), m = document.querySelector("#bulk-actions-button").getBoundingClientRect(); return document.querySelector(".toolbar").contains(`+status+`) && s.right <= m.left && Math.abs((s.top + s.bottom) / 2 - (m.top + m.bottom) / 2) < 10; })()`) {

@@ -235,7 +235,7 @@ function renderGlobal(): void {
   setText("server-version", g.serverVersion || "—");
 
   renderPullRequests(
-    { status: el("pr-status"), merge: el<HTMLButtonElement>("merge-deploy"), mergeSep: el("merge-deploy-sep"), mergeNumber: el("merge-deploy-number") },
+    { status: el("pr-status"), statusError: el("pr-status-error"), statusSince: el("pr-status-since"), merge: el<HTMLButtonElement>("merge-deploy"), mergeSep: el("merge-deploy-sep"), mergeNumber: el("merge-deploy-number") },
     globalState.pullRequests(),
     now,
   );

@@ -359,7 +359,12 @@ export function oneLine(s: string, max: number): string {
 export interface PullRequestsStatus {
   /** Nothing to show: PRs not configured, or looking works. */
   hidden: boolean;
+  /** The whole line: error + " " + since. */
   text: string;
+  /** "Pull requests: <error, on one line>"; it may be cut short on screen. */
+  error: string;
+  /** "· last success 5m ago"; always shown whole. */
+  since: string;
   title: string;
 }
 
@@ -369,13 +374,13 @@ export interface PullRequestsStatus {
  * success; the tooltip adds the whole error and the PR the page keeps.
  */
 export function pullRequestsStatus(p: PullRequestsPoll, now: number): PullRequestsStatus {
-  if (!p.configured || p.error === "") return { hidden: true, text: "", title: "" };
-  const since = p.checkedAt === null ? "no success yet" : `last success ${formatAge(p.checkedAt, now)}`;
-  const text = `Pull requests: ${oneLine(p.error, PR_ERROR_INLINE)} · ${since}`;
+  if (!p.configured || p.error === "") return { hidden: true, text: "", error: "", since: "", title: "" };
+  const error = `Pull requests: ${oneLine(p.error, PR_ERROR_INLINE)}`;
+  const since = p.checkedAt === null ? "· no success yet" : `· last success ${formatAge(p.checkedAt, now)}`;
   const lines = ["Looking for pull requests failed:", p.error];
   lines.push(p.checkedAt === null ? "No look has succeeded yet." : `Last success: ${new Date(p.checkedAt).toISOString()} (${formatAge(p.checkedAt, now)})`);
   lines.push(p.pendingPR ? `Last known pull request: #${p.pendingPR.number} ${p.pendingPR.title}` : "No pull request was pending at the last success.");
-  return { hidden: false, text, title: lines.join("\n") };
+  return { hidden: false, text: `${error} ${since}`, error, since, title: lines.join("\n") };
 }
 
 /** lineFromProto converts one output line. */

@@ -300,8 +300,10 @@ export interface ButtonEl extends PanelEl {
 
 /** The page-wide elements that show pull requests. */
 export interface PullRequestEls {
-  /** The status line next to Bulk Actions, shown while looking fails. */
+  /** The status line next to Bulk Actions, shown while looking fails, and its two parts. */
   status: PanelEl;
+  statusError: El;
+  statusSince: El;
   /** The Merge & Deploy entry in Bulk Actions, its separator and number. */
   merge: ButtonEl;
   mergeSep: PanelEl;
@@ -329,7 +331,8 @@ function setHidden(e: PanelEl, value: boolean): void {
 export function renderPullRequests(e: PullRequestEls, p: PullRequestsPoll, now: number): void {
   const st = pullRequestsStatus(p, now);
   setHidden(e.status, st.hidden);
-  setText(e.status, st.text);
+  setText(e.statusError, st.error);
+  setText(e.statusSince, st.since ? ` ${st.since}` : "");
   setTitle(e.status, st.title);
   if (e.status.dataset.kind !== "error") e.status.dataset.kind = "error";
 

@@ -30,7 +30,7 @@ function prChanged(value: Record<string, unknown>) {
 }
 
 function els() {
-  return { status: new FakeEl(), merge: new FakeEl(), mergeSep: new FakeEl(), mergeNumber: new FakeEl() };
+  return { status: new FakeEl(), statusError: new FakeEl(), statusSince: new FakeEl(), merge: new FakeEl(), mergeSep: new FakeEl(), mergeNumber: new FakeEl() };
 }
 
 describe("pull-request poll health", () => {
@@ -112,7 +112,8 @@ describe("pull-request poll health", () => {
     assert.equal(e.status.hidden, true);
     assert.equal(e.merge.hidden, true);
     assert.equal(e.mergeSep.hidden, true);
-    assert.equal(e.status.textContent, "");
+    assert.equal(e.statusError.textContent, "");
+    assert.equal(e.statusSince.textContent, "");
   });
 });
 
@@ -123,19 +124,23 @@ describe("renderPullRequests", () => {
     renderPullRequests(e, poll, T0);
     assert.equal(e.status.hidden, false);
     assert.equal(e.status.dataset.kind, "error");
-    assert.equal(e.status.textContent, `Pull requests: GitHub answered 401 ${HOSTILE} · last success 5m ago`);
+    assert.equal(e.statusError.textContent, `Pull requests: GitHub answered 401 ${HOSTILE}`);
+    assert.equal(e.statusSince.textContent, " · last success 5m ago");
     assert.match(e.status.title, /^Looking for pull requests failed:\nGitHub answered 401 <img/);
     assert.equal(e.merge.hidden, false);
     assert.equal(e.mergeNumber.textContent, "42");
     assert.match(e.merge.title, /^flake\.lock: update\nLast known pull request: looking for pull requests fails/);
 
-    const writes = e.status.textWrites;
+    const writes = e.statusError.textWrites + e.statusSince.textWrites;
     renderPullRequests(e, poll, T0);
-    assert.equal(e.status.textWrites, writes, "an unchanged line is not rewritten");
+    assert.equal(e.statusError.textWrites + e.statusSince.textWrites, writes, "an unchanged line is not rewritten");
+    renderPullRequests(e, poll, T0 + 2 * MIN);
+    assert.equal(e.statusSince.textContent, " · last success 7m ago", "the age ticks");
 
     renderPullRequests(e, { ...poll, error: "", checkedAt: T0 }, T0);
     assert.equal(e.status.hidden, true);
-    assert.equal(e.status.textContent, "");
+    assert.equal(e.statusError.textContent, "");
+    assert.equal(e.statusSince.textContent, "");
     assert.equal(e.status.title, "");
     assert.equal(e.merge.title, PR.title);
 
