@@ -88,9 +88,10 @@ func (s *SQLite) GetBulk(ctx context.Context, id string) (BulkRun, error) {
 	return r, nil
 }
 
-// UnfinishedBulks returns the runs still RUNNING, oldest first.
+// UnfinishedBulks returns the runs still RUNNING in the order they were
+// first saved.
 func (s *SQLite) UnfinishedBulks(ctx context.Context) ([]BulkRun, error) {
-	rows, err := s.r.QueryContext(ctx, sqlSelectBulk+` WHERE finished_at IS NULL ORDER BY created_at, id`)
+	rows, err := s.r.QueryContext(ctx, sqlSelectBulk+` WHERE finished_at IS NULL ORDER BY seq`)
 	if err != nil {
 		return nil, mapErr(err, "list unfinished bulk runs")
 	}
@@ -106,14 +107,14 @@ func (s *SQLite) UnfinishedBulks(ctx context.Context) ([]BulkRun, error) {
 	return out, mapErr(rows.Err(), "list unfinished bulk runs")
 }
 
-// PruneBulks deletes ended runs but the newest keep (by creation time, then
-// id) and returns how many it deleted. Unfinished runs are never deleted.
+// PruneBulks deletes ended runs but the newest keep (in the order they were
+// first saved) and returns how many it deleted. Unfinished runs are never deleted.
 func (s *SQLite) PruneBulks(ctx context.Context, keep int) (int, error) {
 	if keep < 0 {
 		keep = 0
 	}
 	res, err := s.w.ExecContext(ctx, `DELETE FROM bulk_runs WHERE finished_at IS NOT NULL AND id NOT IN (
-    SELECT id FROM bulk_runs WHERE finished_at IS NOT NULL ORDER BY created_at DESC, id DESC LIMIT ?)`, keep)
+    SELECT id FROM bulk_runs WHERE finished_at IS NOT NULL ORDER BY seq DESC LIMIT ?)`, keep)
 	if err != nil {
 		return 0, mapErr(err, "prune bulk runs")
 	}

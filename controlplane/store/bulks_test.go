@@ -69,12 +69,13 @@ func TestBulksSaveGet(t *testing.T) {
 func TestBulksUnfinishedAndPrune(t *testing.T) {
 	s := openTemp(t)
 	ctx := t.Context()
-	// Created in this order: r0 ended, r1 running, r2..r5 ended, r6 running.
+	// Created in this order, all in the same millisecond: r0 ended, r1
+	// running, r2..r5 ended, r6 running.
 	states := []fleetv1.BulkState{fleetv1.BulkState_BULK_STATE_SUCCEEDED, fleetv1.BulkState_BULK_STATE_RUNNING,
 		fleetv1.BulkState_BULK_STATE_FAILED, fleetv1.BulkState_BULK_STATE_PARTIAL, fleetv1.BulkState_BULK_STATE_SUCCEEDED,
 		fleetv1.BulkState_BULK_STATE_SUCCEEDED, fleetv1.BulkState_BULK_STATE_RUNNING}
 	for i, st := range states {
-		wantErr(t, s.SaveBulk(ctx, bulkRun(fmt.Sprintf("r%d", i), t0.Add(time.Duration(i)*time.Minute), st)), nil)
+		wantErr(t, s.SaveBulk(ctx, bulkRun(fmt.Sprintf("r%d", i), t0, st)), nil)
 	}
 	un, err := s.UnfinishedBulks(ctx)
 	wantErr(t, err, nil)
@@ -99,7 +100,7 @@ func TestBulksUnfinishedAndPrune(t *testing.T) {
 
 	// An unfinished run that ends leaves the unfinished list; an ended run
 	// without a finish time gets one.
-	r := bulkRun("r1", t0.Add(time.Minute), fleetv1.BulkState_BULK_STATE_FAILED)
+	r := bulkRun("r1", t0, fleetv1.BulkState_BULK_STATE_FAILED)
 	r.Bulk.FinishedAt = nil
 	wantErr(t, s.SaveBulk(ctx, r), nil)
 	un, _ = s.UnfinishedBulks(ctx)

@@ -160,7 +160,7 @@ var schemaTables = []struct {
 	{"command_lines", []string{"command_id", "seq", "stream", "text", "time"}},
 	{"audit", []string{"id", "time", "actor", "action", "host_id", "result", "detail"}},
 	{"settings", []string{"key", "value"}},
-	{"bulk_runs", []string{"id", "created_at", "finished_at", "state", "record", "plan"}},
+	{"bulk_runs", []string{"seq", "id", "created_at", "finished_at", "state", "record", "plan"}},
 }
 
 func verifySchema(ctx context.Context, db *sql.DB) error {

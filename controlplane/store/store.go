@@ -218,9 +218,10 @@ type Bulks interface {
 	SaveBulk(ctx context.Context, r BulkRun) error
 	// GetBulk returns a run; ErrNotFound if absent.
 	GetBulk(ctx context.Context, id string) (BulkRun, error)
-	// UnfinishedBulks returns the runs still RUNNING, oldest first.
+	// UnfinishedBulks returns the runs still RUNNING, in the order they
+	// were first saved (creation order).
 	UnfinishedBulks(ctx context.Context) ([]BulkRun, error)
-	// PruneBulks deletes ended runs but the newest keep (by creation) and
+	// PruneBulks deletes ended runs but the newest keep (by first save) and
 	// returns how many it deleted. Unfinished runs are never deleted.
 	PruneBulks(ctx context.Context, keep int) (int, error)
 }
