@@ -418,7 +418,9 @@ func (m *Manager) awaitOnline(ctx context.Context, b *bulkRun, hostID string) {
 	if _, ok := m.cfg.Hub.Host(hostID); !ok {
 		return
 	}
-	m.setResult(ctx, b, hostID, func(r *fleetv1.BulkHostResult) { r.Message = "waiting for the host to reconnect after the server restart" })
+	m.setResult(ctx, b, hostID, func(r *fleetv1.BulkHostResult) {
+		r.Message = "waiting for the host to reconnect after the server restart"
+	})
 	wait := time.Until(b.onlineBy)
 	if wait <= 0 {
 		return
