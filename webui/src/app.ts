@@ -456,7 +456,7 @@ const sink = {
 function noteBulk(b: BulkInfo): void {
   const cur = bulks.seen(b);
   scheduler.global();
-  if (!cur || cur.state === "running" || cur.state === "unknown" || !ownBulks.delete(cur.id)) return;
+  if (cur.state === "running" || cur.state === "unknown" || !ownBulks.delete(cur.id)) return;
   showToast(bulkProgressText(cur), cur.state === "succeeded" ? "ok" : "error");
 }
 
@@ -674,11 +674,12 @@ async function bulk(command: string, hostIds: string[], all: boolean): Promise<v
   }
   try {
     const res = await client.runBulkCommand({ command, hostIds, all });
+    showToast(`${label} started on ${all ? "all hosts" : `${hostIds.length} hosts`}`, "info");
+    // Its end may have come first: noting the answer reports it then.
     if (res.bulk) {
       ownBulks.add(res.bulk.bulkId);
       noteBulk(bulkFromProto(res.bulk));
     }
-    showToast(`${label} started on ${all ? "all hosts" : `${hostIds.length} hosts`}`, "info");
     scheduler.global();
   } catch (err) {
     showToast(errorText(err, `Bulk ${label}`), "error");
@@ -700,11 +701,11 @@ async function mergeAndDeploy(): Promise<void> {
   try {
     const res = await client.mergeAndDeploy({ prNumber: pr.number, hostIds: chosen });
     if (res.bulk) {
-      ownBulks.add(res.bulk.bulkId);
       const b = bulkFromProto(res.bulk);
-      noteBulk(b);
       const commit = b.commit ? ` (${shortHash(b.commit)})` : "";
       showToast(`Merged PR #${b.prNumber || pr.number}${commit}; deploying`, "info");
+      ownBulks.add(b.id);
+      noteBulk(b);
     } else {
       showToast(`Merging PR #${pr.number} and deploying`, "info");
     }

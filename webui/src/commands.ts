@@ -94,32 +94,36 @@ export const TRACKED_BULKS = 100;
 /**
  * BulkRuns holds the bulk runs the page has heard of: the running ones are
  * shown next to Bulk Actions until they end. An ended run never comes back
- * to running, and a running one never loses progress to an older event.
+ * to running (its end is kept, so an RPC answer that arrives after the end
+ * event still learns it), and a running one never loses progress to an
+ * older event.
  */
 export class BulkRuns {
   private readonly runs = new Map<string, BulkInfo>();
-  private readonly ended = new Set<string>();
+  private readonly ended = new Map<string, BulkInfo>();
 
   constructor(private readonly limit = TRACKED_BULKS) {}
 
-  /** seen records a run's state and returns the latest view, or null when it is ignored. */
-  seen(b: BulkInfo): BulkInfo | null {
-    if (!b.id || this.ended.has(b.id)) return null;
+  /** seen records a run's state and returns the latest view; a run without an id is returned as is. */
+  seen(b: BulkInfo): BulkInfo {
+    if (!b.id) return b;
+    const done = this.ended.get(b.id);
+    if (done) return done;
     const cur = this.runs.get(b.id);
+    const next = cur ? { ...b, prNumber: b.prNumber || cur.prNumber, commit: b.commit || cur.commit } : b;
     if (b.state === "running" || b.state === "unknown") {
       if (cur && b.done < cur.done) return cur;
-      const next = cur ? { ...b, prNumber: b.prNumber || cur.prNumber, commit: b.commit || cur.commit } : b;
       this.runs.set(b.id, next);
       return next;
     }
     this.runs.delete(b.id);
-    this.ended.add(b.id);
+    this.ended.set(b.id, next);
     while (this.ended.size > this.limit) {
-      const oldest = this.ended.values().next().value;
+      const oldest = this.ended.keys().next().value;
       if (oldest === undefined) break;
       this.ended.delete(oldest);
     }
-    return cur ? { ...b, prNumber: b.prNumber || cur.prNumber, commit: b.commit || cur.commit } : b;
+    return next;
   }
 
   /** running lists the runs not yet ended, in the order they were first heard of. */

@@ -227,7 +227,8 @@ describe("merge-and-deploy runs", () => {
     assert.equal(e.textContent, "Merge & Deploy PR #42 (0123456): 3/4 hosts · switch: 1/4 hosts");
     const end = runs.seen(bulk({ state: "succeeded", done: 4, prNumber: 0, commit: "" }));
     assert.equal(end?.prNumber, 42);
-    assert.equal(runs.seen(bulk({ done: 4 })), null, "an ended run stays ended");
+    assert.equal(runs.seen(bulk({ done: 4 })).state, "succeeded", "an ended run stays ended");
+    assert.equal(runs.running().length, 1);
     runs.forget("b2");
     renderBulkProgress(e, runs.running());
     assert.equal(e.hidden, true);
