@@ -11,6 +11,7 @@ package controlplane
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -52,6 +53,13 @@ type Config struct {
 	DataDir string
 	// TLSCert and TLSKey enable TLS (HTTP/2 negotiated by ALPN).
 	TLSCert, TLSKey string
+	// AgentClientCA is a PEM bundle of CAs. When set, every agent must also
+	// present a client certificate issued by one of them that names its host
+	// (a DNS SAN, or the CN of a certificate without SANs). Browsers and API
+	// clients are asked for a certificate but need none. It needs TLSCert:
+	// the certificate is checked in this server's TLS handshake, so it cannot
+	// work behind a TLS-terminating proxy.
+	AgentClientCA string
 	// AdminPassword is the first start's admin password; generated and
 	// printed once when empty.
 	AdminPassword string
@@ -149,6 +157,11 @@ func OpenStore(ctx context.Context, dataDir string) (*store.SQLite, error) {
 // Run serves until ctx ends, then shuts down in order.
 func Run(ctx context.Context, cfg Config) error {
 	cfg.defaults()
+	// Refuse a bad client-certificate setup before touching the data.
+	agentCAs, err := loadAgentClientCA(cfg)
+	if err != nil {
+		return err
+	}
 	st, err := OpenStore(ctx, cfg.DataDir)
 	if err != nil {
 		return err
@@ -163,6 +176,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	s.setAgentClientCAs(agentCAs)
 	return s.serve(ctx)
 }
 
@@ -184,6 +198,8 @@ type server struct {
 	gwConn   *grpc.ClientConn
 	handler  http.Handler
 	listener net.Listener
+	// agentCAs verify agents' client certificates; nil: not required.
+	agentCAs *x509.CertPool
 }
 
 func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, error) {
@@ -239,6 +255,31 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 	}
 	s.handler = s.routes(gw)
 	return s, nil
+}
+
+// loadAgentClientCA reads cfg.AgentClientCA; nil when it is not set.
+func loadAgentClientCA(cfg Config) (*x509.CertPool, error) {
+	if cfg.AgentClientCA == "" {
+		return nil, nil
+	}
+	if cfg.TLSCert == "" || cfg.TLSKey == "" {
+		return nil, errors.New("--agent-client-ca needs --tls-cert and --tls-key: agent client certificates are checked in this server's own TLS handshake, which cannot happen behind a TLS-terminating proxy")
+	}
+	pool, err := auth.LoadCertPool(cfg.AgentClientCA)
+	if err != nil {
+		return nil, fmt.Errorf("--agent-client-ca: %w", err)
+	}
+	return pool, nil
+}
+
+// setAgentClientCAs makes a client certificate from pool the second factor
+// of every agent connection (nil: the token alone).
+func (s *server) setAgentClientCAs(pool *x509.CertPool) {
+	s.agentCAs = pool
+	s.authn.AgentClientCAs = pool
+	if pool != nil {
+		s.log.Info("agents must present a client certificate", "ca_file", s.cfg.AgentClientCA)
+	}
 }
 
 // setupGitHub creates the PR poller and the Merge & Deploy deployer when a
@@ -332,8 +373,20 @@ func (s *server) serve(ctx context.Context) error {
 			return fmt.Errorf("load TLS certificate: %w", err)
 		}
 		hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
+		if s.agentCAs != nil {
+			// Ask every client, require none: browsers and API clients
+			// come without one; AgentService insists (auth.Authenticator).
+			hs.TLSConfig.ClientAuth = tls.VerifyClientCertIfGiven
+			hs.TLSConfig.ClientCAs = s.agentCAs
+		}
 	}
 
+	// Bulk runs (a Merge & Deploy above all) that the previous process left
+	// running continue before anyone can start another.
+	if err := s.cmds.ResumeBulks(ctx); err != nil {
+		ln.Close()
+		return err
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.grpc.Serve(s.inmem) })
 	g.Go(func() error {

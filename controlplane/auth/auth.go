@@ -3,6 +3,7 @@ package auth
 import (
 	"context"
 	"crypto/subtle"
+	"crypto/x509"
 	"errors"
 	"log/slog"
 	"net/url"
@@ -81,6 +82,11 @@ type Authenticator struct {
 	// place that checks codes so a code is accepted only once. Nil: codes
 	// are checked without replay protection.
 	Codes *OneTimeCodes
+	// AgentClientCAs, when set, makes a client certificate the second factor
+	// of an agent connection: AgentService calls must come over TLS with a
+	// certificate issued by one of these CAs that names the token's host
+	// (see [CertificateHostNames]). Other methods ignore client certificates.
+	AgentClientCAs *x509.CertPool
 }
 
 func (a *Authenticator) now() time.Time {
@@ -102,7 +108,9 @@ var (
 // without credentials) or a gRPC status error: Unauthenticated when the
 // credential is missing, malformed, unknown or expired; PermissionDenied when
 // the caller may not call the method, or a session's mutating call lacks its
-// CSRF token or comes from a foreign origin.
+// CSRF token or comes from a foreign origin. With AgentClientCAs set, an
+// agent's call without a client certificate is Unauthenticated too, and one
+// whose certificate names another host PermissionDenied.
 func (a *Authenticator) Authenticate(ctx context.Context, method string, md metadata.MD) (*Identity, error) {
 	rule, ok := a.Policy[method]
 	if !ok {
@@ -118,6 +126,11 @@ func (a *Authenticator) Authenticate(ctx context.Context, method string, md meta
 	if rule.Agent {
 		if id.Kind != KindAgent {
 			return nil, status.Error(codes.PermissionDenied, "only agents may call this method")
+		}
+		if a.AgentClientCAs != nil {
+			if err := a.checkAgentCert(ctx, id.Name); err != nil {
+				return nil, err
+			}
 		}
 		return id, nil
 	}

@@ -196,6 +196,7 @@ func serverFlags(f *flags) (*controlplane.Config, *string, *string) {
 	f.StringVar(&cfg.DataDir, "data-dir", "", "directory for nixplane.db and the fleet repository mirror")
 	f.StringVar(&cfg.TLSCert, "tls-cert", "", "TLS certificate file (PEM); enables TLS with --tls-key")
 	f.StringVar(&cfg.TLSKey, "tls-key", "", "TLS private key file (PEM)")
+	f.StringVar(&cfg.AgentClientCA, "agent-client-ca", "", "PEM CA bundle: agents must also present a client certificate from it naming their host (needs --tls-cert; not behind a TLS-terminating proxy)")
 	f.StringVar(&cfg.AdminPassword, "admin-password", "", "password of the admin user created on first start (prefer NIXPLANE_ADMIN_PASSWORD)")
 	f.StringVar(&cfg.FleetRepo, "fleet-repo", "", "fleet git repository: the target commit and flake.lock come from its branch")
 	f.StringVar(&cfg.Branch, "branch", "main", "branch of the fleet repository hosts deploy")
