@@ -59,6 +59,11 @@ type Config struct {
 	Server string
 	// CAFile adds a PEM CA bundle to the system roots for https.
 	CAFile string
+	// ClientCertFile and ClientKeyFile are the PEM client certificate and
+	// key for a server that requires agent client certificates; both or
+	// neither. They are read again at every reconnect, so renewing them
+	// needs no restart.
+	ClientCertFile, ClientKeyFile string
 	// Hostname is the host's registered name (lower-case RFC 1123 label);
 	// it is also the flake attribute of its configuration.
 	Hostname string
@@ -225,6 +230,14 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("CA file: %w", err))
 		}
 	}
+	if c.ClientCertFile != "" || c.ClientKeyFile != "" {
+		if t, err := session.ParseServer(c.Server); err == nil && !t.TLS {
+			errs = append(errs, fmt.Errorf("--tls-client-cert needs an https:// server, not %s", c.Server))
+		}
+		if _, err := session.LoadClientCert(c.ClientCertFile, c.ClientKeyFile); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -241,7 +254,8 @@ func Check(ctx context.Context, cfg Config) error {
 	if err := r.LsRemote(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("repository: %w", err))
 	}
-	conn, err := session.Dial(session.Config{Server: cfg.Server, CAFile: cfg.CAFile, Interval: cfg.Interval})
+	conn, err := session.Dial(session.Config{Server: cfg.Server, CAFile: cfg.CAFile, Interval: cfg.Interval,
+		ClientCertFile: cfg.ClientCertFile, ClientKeyFile: cfg.ClientKeyFile})
 	if err != nil {
 		errs = append(errs, fmt.Errorf("server: %w", err))
 	} else {

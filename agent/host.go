@@ -90,6 +90,8 @@ func newAgent(ctx context.Context, cfg Config, log *slog.Logger) (*agent, error)
 		Hostname:       cfg.Hostname,
 		TokenFile:      cfg.TokenFile,
 		CAFile:         cfg.CAFile,
+		ClientCertFile: cfg.ClientCertFile,
+		ClientKeyFile:  cfg.ClientKeyFile,
 		Interval:       cfg.Interval,
 		WelcomeTimeout: cfg.WelcomeTimeout,
 		BackoffInitial: cfg.BackoffInitial,

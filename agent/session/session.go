@@ -80,6 +80,11 @@ type Config struct {
 	TokenFile string
 	// CAFile, when set, adds a PEM CA bundle to the system roots for https.
 	CAFile string
+	// ClientCertFile and ClientKeyFile, when set, are the PEM client
+	// certificate and key presented to an https server that requires agent
+	// client certificates. Like the token they are read at every connect,
+	// so renewed files are used from the next reconnect on.
+	ClientCertFile, ClientKeyFile string
 	// Interval is the heartbeat interval (DefaultInterval when zero); the
 	// server's Welcome can override it.
 	Interval time.Duration
@@ -162,6 +167,19 @@ func ReadToken(path string) (string, error) {
 	return tok, nil
 }
 
+// LoadClientCert reads a PEM client certificate (with its intermediates, if
+// any, after it) and its private key. Both files are required.
+func LoadClientCert(certFile, keyFile string) (tls.Certificate, error) {
+	if certFile == "" || keyFile == "" {
+		return tls.Certificate{}, errors.New("a client certificate needs both --tls-client-cert and --tls-client-key")
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("load client certificate %s: %w", certFile, err)
+	}
+	return cert, nil
+}
+
 // KeepaliveParams returns client keepalive settings under which a silent
 // (half-open) connection is noticed within about three intervals: pings
 // every max(interval, 10s) (grpc-go's floor), each given the rest of the
@@ -197,7 +215,17 @@ func Dial(cfg Config) (*grpc.ClientConn, error) {
 				return nil, fmt.Errorf("CA file %s holds no PEM certificates", cfg.CAFile)
 			}
 		}
-		creds = credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: t.Host, MinVersion: tls.VersionTLS12})
+		tc := &tls.Config{RootCAs: pool, ServerName: t.Host, MinVersion: tls.VersionTLS12}
+		if cfg.ClientCertFile != "" || cfg.ClientKeyFile != "" {
+			cert, err := LoadClientCert(cfg.ClientCertFile, cfg.ClientKeyFile)
+			if err != nil {
+				return nil, err
+			}
+			tc.Certificates = []tls.Certificate{cert}
+		}
+		creds = credentials.NewTLS(tc)
+	} else if cfg.ClientCertFile != "" || cfg.ClientKeyFile != "" {
+		return nil, fmt.Errorf("server URL %q: a client certificate needs an https server", cfg.Server)
 	}
 	return grpc.NewClient(t.Addr,
 		grpc.WithTransportCredentials(creds),
@@ -465,7 +493,7 @@ func (c *Client) dispatch(m *agentv1.ConnectResponse) {
 func (c *Client) explain(err error) error {
 	switch status.Code(err) {
 	case codes.Unauthenticated, codes.PermissionDenied:
-		c.log.Error("server rejected the agent token for host "+c.cfg.Hostname, "host", c.cfg.Hostname, "code", status.Code(err).String(), "detail", status.Convert(err).Message())
+		c.log.Error("server rejected the agent's credentials for host "+c.cfg.Hostname, "host", c.cfg.Hostname, "code", status.Code(err).String(), "detail", status.Convert(err).Message())
 	case codes.Aborted:
 		c.log.Warn("another connection for this host replaced this one", "host", c.cfg.Hostname, "detail", status.Convert(err).Message())
 	}

@@ -59,6 +59,8 @@ func run(args []string) int {
 	)
 	fs.StringVar(&cfg.Server, "server", "", "control plane URL: http://host:port (h2c) or https://host:port")
 	fs.StringVar(&cfg.CAFile, "ca-file", "", "PEM CA bundle trusted in addition to the system roots (https)")
+	fs.StringVar(&cfg.ClientCertFile, "tls-client-cert", "", "PEM client certificate naming this host, for a server run with --agent-client-ca (https; read at every reconnect)")
+	fs.StringVar(&cfg.ClientKeyFile, "tls-client-key", "", "PEM private key of --tls-client-cert")
 	fs.StringVar(&cfg.Hostname, "hostname", defaultHostname(), "this host's registered name (also its flake attribute)")
 	fs.StringVar(&cfg.TokenFile, "token-file", "", "file holding this host's agent token")
 	fs.StringVar(&cfg.RepoURL, "repo-url", "", "fleet repository to clone")
