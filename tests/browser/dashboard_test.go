@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/chromedp/chromedp"
 )
@@ -235,7 +236,9 @@ func TestDashboardScreenshot(t *testing.T) {
 		{name: "mac-1", color: "#bb9af7", tests: testPass},
 		{name: "pi-1", color: "#f7768e", tests: testPass},
 	}
-	f := newFleet(t, hosts, fleetOptions{commitMessage: "hosts: enable nightly backups"})
+	// A flake.lock makes the Lock compartment a real comparison instead of
+	// an error about the missing file.
+	f := newFleet(t, hosts, fleetOptions{commitMessage: "hosts: enable nightly backups", files: map[string]string{"flake.lock": screenshotLock}})
 	b := newBrowser(t, 1400, 900)
 	b.login(f.url())
 	waitOnline(b, "web-1", "web-2", "db-1", "studio", "mac-1", "pi-1")
@@ -251,7 +254,20 @@ func TestDashboardScreenshot(t *testing.T) {
 	b.waitFor("studio busy", hostState("studio")+` === "busy"`)
 	b.waitFor("studio log", `[...document.querySelectorAll("#log-body .log-line")].some(l => l.textContent.includes("slow test started"))`)
 	b.waitFor("refreshes done", `document.querySelectorAll('[data-action="refresh"].loading').length === 0`)
+	b.waitFor("Lock checked on the online hosts", `[...document.querySelectorAll('#host-rows tr[data-state="online"] [data-compartment="lock"]')].every((e) => e.dataset.status === "ok")`)
+	if bad := evalT[string](b, `[...document.querySelectorAll('#host-rows [data-compartment="agent"], #host-rows [data-compartment="git"], #host-rows [data-compartment="lock"]')].filter((e) => e.dataset.status === "error").map((e) => e.title).join("; ")`); bad != "" {
+		t.Errorf("the screenshot would show compartments in error: %s", bad)
+	}
 
+	if os.Getenv("NIXPLANE_UPDATE_SCREENSHOT") == "1" {
+		// The metrics are the test machine's own: give a busy machine a
+		// while to calm down so the picture does not show every host
+		// overloaded by accident, but take it anyway if it stays busy.
+		calm := `document.querySelectorAll('#host-rows tr[data-state="online"] .metric-high, #host-rows tr[data-state="busy"] .metric-high').length === 0`
+		if _, err := chromedp.Run(b.timeout(35*time.Second), chromedp.Poll[bool](calm, chromedp.WithPollingTimeout(30*time.Second))); err != nil {
+			t.Logf("the machine stayed busy: the screenshot shows high CPU or RAM (%v)", err)
+		}
+	}
 	shot, err := chromedp.Run(b.timeout(waitLong), chromedp.FullScreenshot(100))
 	if err != nil {
 		t.Fatal(err)
@@ -270,3 +286,24 @@ func TestDashboardScreenshot(t *testing.T) {
 		t.Logf("wrote %s (%d bytes)", out, len(shot))
 	}
 }
+
+// screenshotLock is the fleet repository's flake.lock in the screenshot.
+const screenshotLock = `{
+  "nodes": {
+    "nixpkgs": {
+      "locked": {
+        "lastModified": 1763500000,
+        "narHash": "sha256-0000000000000000000000000000000000000000000=",
+        "owner": "NixOS",
+        "repo": "nixpkgs",
+        "rev": "0123456789abcdef0123456789abcdef01234567",
+        "type": "github"
+      },
+      "original": { "owner": "NixOS", "ref": "nixos-25.05", "repo": "nixpkgs", "type": "github" }
+    },
+    "root": { "inputs": { "nixpkgs": "nixpkgs" } }
+  },
+  "root": "root",
+  "version": 7
+}
+`

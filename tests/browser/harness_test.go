@@ -71,6 +71,8 @@ type fleetOptions struct {
 	// bareHosts are registered in the store only: no repository files and
 	// no agent (for load tests with many hosts).
 	bareHosts []string
+	// files are more files of the fleet repository's first commit, by path.
+	files map[string]string
 }
 
 const rebuildScript = `#!/bin/sh
@@ -124,6 +126,9 @@ func newFleet(t testing.TB, hosts []hostSpec, opts fleetOptions) *fleet {
 	writeFile(t, filepath.Join(f.work, "flake.nix"), "{ outputs = { self }: { }; }\n", 0o644)
 	for _, h := range hosts {
 		f.writeHostFiles(h)
+	}
+	for p, body := range opts.files {
+		writeFile(t, filepath.Join(f.work, p), body, 0o644)
 	}
 	msg := opts.commitMessage
 	if msg == "" {
