@@ -758,9 +758,13 @@ func (x *ListAuditEventsResponse) GetEvents() []*AuditEvent {
 	return nil
 }
 
-// BeginTOTPEnrollmentRequest takes no arguments.
+// BeginTOTPEnrollmentRequest proves the caller knows the account's
+// password, so a stolen session cannot put its own authenticator on the
+// account.
 type BeginTOTPEnrollmentRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The user's current password.
+	Password      string `protobuf:"bytes,1,opt,name=password,proto3" json:"password,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -793,6 +797,13 @@ func (x *BeginTOTPEnrollmentRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use BeginTOTPEnrollmentRequest.ProtoReflect.Descriptor instead.
 func (*BeginTOTPEnrollmentRequest) Descriptor() ([]byte, []int) {
 	return file_nixplane_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *BeginTOTPEnrollmentRequest) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
 }
 
 // BeginTOTPEnrollmentResponse holds the new secret, shown only here.
@@ -1072,8 +1083,9 @@ const file_nixplane_admin_v1_admin_proto_rawDesc = "" +
 	"\x05limit\x18\x02 \x01(\x05R\x05limit\x12\x1b\n" +
 	"\tbefore_id\x18\x03 \x01(\x03R\bbeforeId\"P\n" +
 	"\x17ListAuditEventsResponse\x125\n" +
-	"\x06events\x18\x01 \x03(\v2\x1d.nixplane.admin.v1.AuditEventR\x06events\"\x1c\n" +
-	"\x1aBeginTOTPEnrollmentRequest\"m\n" +
+	"\x06events\x18\x01 \x03(\v2\x1d.nixplane.admin.v1.AuditEventR\x06events\"8\n" +
+	"\x1aBeginTOTPEnrollmentRequest\x12\x1a\n" +
+	"\bpassword\x18\x01 \x01(\tR\bpassword\"m\n" +
 	"\x1bBeginTOTPEnrollmentResponse\x12\x16\n" +
 	"\x06secret\x18\x01 \x01(\tR\x06secret\x12\x1f\n" +
 	"\votpauth_uri\x18\x02 \x01(\tR\n" +

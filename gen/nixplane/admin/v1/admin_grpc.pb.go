@@ -61,7 +61,8 @@ type AdminServiceClient interface {
 	ListAuditEvents(ctx context.Context, in *ListAuditEventsRequest, opts ...grpc.CallOption) (*ListAuditEventsResponse, error)
 	// BeginTOTPEnrollment creates a new TOTP secret for the calling user and
 	// returns it with an otpauth:// URI and a QR code. It takes effect only
-	// once ConfirmTOTPEnrollment proves the authenticator holds it.
+	// once ConfirmTOTPEnrollment proves the authenticator holds it. Needs the
+	// user's password (wrong: InvalidArgument; guesses are rate limited).
 	// FailedPrecondition when TOTP is already enabled.
 	//
 	// Auth: browser sessions only (with CSRF token).
@@ -196,7 +197,8 @@ type AdminServiceServer interface {
 	ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error)
 	// BeginTOTPEnrollment creates a new TOTP secret for the calling user and
 	// returns it with an otpauth:// URI and a QR code. It takes effect only
-	// once ConfirmTOTPEnrollment proves the authenticator holds it.
+	// once ConfirmTOTPEnrollment proves the authenticator holds it. Needs the
+	// user's password (wrong: InvalidArgument; guesses are rate limited).
 	// FailedPrecondition when TOTP is already enabled.
 	//
 	// Auth: browser sessions only (with CSRF token).
