@@ -131,6 +131,10 @@ func (d *Deployer) claim() error {
 	if d.merging {
 		return status.Error(codes.Aborted, "a merge-and-deploy is already running (merging its PR); wait for it to end")
 	}
+	// Also one a restarted server continues, which this deployer never started.
+	if b, ok := d.Commands.RunningDeploy(); ok {
+		return status.Errorf(codes.Aborted, "a merge-and-deploy is already running (%s); wait for it to end", b.BulkId)
+	}
 	if d.bulkID != "" {
 		if b, ok := d.Commands.GetBulk(d.bulkID); ok && b.State == fleetv1.BulkState_BULK_STATE_RUNNING {
 			return status.Errorf(codes.Aborted, "a merge-and-deploy is already running (%s); wait for it to end", b.BulkId)
