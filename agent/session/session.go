@@ -221,7 +221,10 @@ func Dial(cfg Config) (*grpc.ClientConn, error) {
 			if err != nil {
 				return nil, err
 			}
-			tc.Certificates = []tls.Certificate{cert}
+			// Always present it: Go would otherwise send nothing when the
+			// server asks for other CAs, and the agent would be told it has
+			// no certificate instead of that its certificate is not trusted.
+			tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
 		}
 		creds = credentials.NewTLS(tc)
 	} else if cfg.ClientCertFile != "" || cfg.ClientKeyFile != "" {
