@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -161,8 +162,9 @@ func (w *world) config() controlplane.Config {
 		GitHubRepo: "acme/fleet", GitHubTokenFile: w.tokenFile(ghToken + "\n"), GitHubAPIURL: w.apiURL, GitHubPoll: 200 * time.Millisecond}
 }
 
-// start runs the server until the test ends.
-func (w *world) start(cfg controlplane.Config) {
+// start runs the server until the test ends, or until stop is called:
+// stop ends it as a signal would and waits for it to return.
+func (w *world) start(cfg controlplane.Config) (stop func()) {
 	t := w.t
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -179,23 +181,28 @@ func (w *world) start(cfg controlplane.Config) {
 		cancel()
 		t.Fatal("server did not start in time")
 	}
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-errc:
-			if err != nil {
-				t.Errorf("server: %v", err)
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-errc:
+				if err != nil {
+					t.Errorf("server: %v", err)
+				}
+			case <-time.After(deadline):
+				t.Error("server did not stop")
 			}
-		case <-time.After(deadline):
-			t.Error("server did not stop")
-		}
-	})
+		})
+	}
+	t.Cleanup(stop)
 	conn, err := grpc.NewClient(w.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
 	w.conn = conn
+	return stop
 }
 
 func (w *world) fleet() (fleetv1.FleetServiceClient, context.Context) {
@@ -222,6 +229,8 @@ func (w *world) startAgent(host, rebuild string) {
 	cfg := agent.Config{Server: "http://" + w.addr, Hostname: host, TokenFile: tokFile, RepoURL: w.origin, Branch: "main",
 		StateDir: filepath.Join(dir, "state"), Interval: time.Second, HostType: typesv1.HostType_HOST_TYPE_NIXOS,
 		RebuildCommand: script, RebootCommand: []string{"true"}, Version: "1.0.0",
+		// A restarted server is found again quickly.
+		BackoffInitial: 50 * time.Millisecond, BackoffMax: 500 * time.Millisecond,
 		NixCommand: filepath.Join(dir, "no-nix"), CurrentSystem: filepath.Join(dir, "no-current-system")}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -562,4 +571,105 @@ func TestMergeAndDeployOutlivesItsCaller(t *testing.T) {
 		}
 		return false, fmt.Sprint(r.Commands)
 	})
+}
+
+// TestMergeAndDeployContinuesAfterARestart: the server restarts while the
+// canary deploys the merged commit. The new process takes the run over:
+// the canary's switch, still running on its host, is waited for, the
+// batches left deploy, and GetBulkCommand shows every host's result —
+// main is never left merged with the fleet half deployed and nobody
+// knowing.
+func TestMergeAndDeployContinuesAfterARestart(t *testing.T) {
+	w := newWorld(t, "canary", "web-1", "web-2", "web-3")
+	cfg := w.config()
+	stop := w.start(cfg)
+	gate := filepath.Join(w.dir, "gate")
+	w.startAgent("canary", "#!/bin/sh\nwhile [ ! -e "+gate+" ]; do sleep 0.05; done\necho \"rebuild $*\"\n")
+	for _, h := range []string{"web-1", "web-2", "web-3"} {
+		w.startAgent(h, okRebuild)
+	}
+	w.waitOnline("canary", "web-1", "web-2", "web-3")
+	w.waitPending(w.prNumber)
+	fc, ctx := w.fleet()
+	resp, err := fc.MergeAndDeploy(ctx, &fleetv1.MergeAndDeployRequest{PrNumber: int32(w.prNumber), CanaryHostIds: []string{"canary"}, BatchSize: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bulk := resp.Bulk
+	merged := w.mainHead()
+	var canaryCmd string
+	waitFor(t, "the canary deploying", func() (bool, string) {
+		r, err := fc.GetBulkCommand(ctx, &fleetv1.GetBulkCommandRequest{BulkId: bulk.BulkId})
+		if err != nil {
+			return false, err.Error()
+		}
+		c := r.Bulk.Results[0].GetCommand()
+		canaryCmd = c.GetCommandId()
+		return c.GetState() == typesv1.CommandState_COMMAND_STATE_RUNNING, r.Bulk.String()
+	})
+
+	// The server stops mid-run and starts again on the same data and
+	// address; the agents find it again.
+	stop()
+	cfg.Listen = w.addr
+	w.start(cfg)
+	fc, ctx = w.fleet()
+	w.waitOnline("canary", "web-1", "web-2", "web-3")
+	r, err := fc.GetBulkCommand(ctx, &fleetv1.GetBulkCommandRequest{BulkId: bulk.BulkId})
+	if err != nil {
+		t.Fatalf("GetBulkCommand after the restart: %v", err)
+	}
+	if r.Bulk.State != fleetv1.BulkState_BULK_STATE_RUNNING || r.Bulk.Commit != merged || r.Bulk.PrNumber != int32(w.prNumber) {
+		t.Fatalf("run after the restart = %v", r.Bulk)
+	}
+	// The continued deploy still holds the merge-and-deploy slot.
+	_, err = fc.MergeAndDeploy(ctx, &fleetv1.MergeAndDeployRequest{PrNumber: int32(w.prNumber)})
+	wantCode(t, err, codes.Aborted, "already running")
+
+	if err := os.WriteFile(gate, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var final *fleetv1.BulkCommand
+	waitFor(t, "bulk end", func() (bool, string) {
+		r, err := fc.GetBulkCommand(ctx, &fleetv1.GetBulkCommandRequest{BulkId: bulk.BulkId})
+		if err != nil {
+			return false, err.Error()
+		}
+		final = r.Bulk
+		return final.State != fleetv1.BulkState_BULK_STATE_RUNNING, final.String()
+	})
+	if final.State != fleetv1.BulkState_BULK_STATE_SUCCEEDED {
+		t.Fatalf("bulk ended %s %q, want SUCCEEDED", final.State, final.Message)
+	}
+	if len(final.Results) != 4 {
+		t.Fatalf("bulk has %d results, want 4", len(final.Results))
+	}
+	for _, res := range final.Results {
+		if c := res.GetCommand(); c.GetState() != typesv1.CommandState_COMMAND_STATE_SUCCEEDED || c.Command != "pull-switch" || c.BulkId != bulk.BulkId {
+			t.Errorf("%s: %v", res.HostId, res)
+		}
+		h, err := fc.GetHost(ctx, &fleetv1.GetHostRequest{HostId: res.HostId})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.Host.Generation != merged {
+			t.Errorf("%s runs %s, want the merged %s", res.HostId, h.Host.Generation, merged)
+		}
+	}
+	if got := final.Results[0].GetCommand().GetCommandId(); got != canaryCmd {
+		t.Errorf("the canary's result is %s, want its command from before the restart %s (deployed once)", got, canaryCmd)
+	}
+	cmds, err := fc.ListCommands(ctx, &fleetv1.ListCommandsRequest{HostId: "canary"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var deploys int
+	for _, c := range cmds.Commands {
+		if c.BulkId == bulk.BulkId {
+			deploys++
+		}
+	}
+	if deploys != 1 {
+		t.Errorf("the canary ran %d commands of the run, want 1", deploys)
+	}
 }
