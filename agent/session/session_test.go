@@ -3,7 +3,9 @@ package session
 import (
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -96,5 +98,31 @@ func TestOutboxKeepsResultsAndDropsOldestOutput(t *testing.T) {
 	}
 	if o.Pending() != nil || o.Len() != 0 {
 		t.Errorf("after sending all: pending %v, len %d", o.Pending(), o.Len())
+	}
+}
+
+func TestDialClientCertificateErrors(t *testing.T) {
+	dir := t.TempDir()
+	junk := filepath.Join(dir, "junk.pem")
+	if err := os.WriteFile(junk, []byte("not PEM\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"certificate over plain HTTP", Config{Server: "http://127.0.0.1:1", ClientCertFile: junk, ClientKeyFile: junk}, "needs an https server"},
+		{"certificate without key", Config{Server: "https://127.0.0.1:1", ClientCertFile: junk}, "needs both --tls-client-cert and --tls-client-key"},
+		{"key without certificate", Config{Server: "https://127.0.0.1:1", ClientKeyFile: junk}, "needs both"},
+		{"unreadable pair", Config{Server: "https://127.0.0.1:1", ClientCertFile: junk, ClientKeyFile: filepath.Join(dir, "missing")}, "load client certificate " + junk},
+	} {
+		conn, err := Dial(tc.cfg)
+		if err == nil {
+			conn.Close()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Dial = %v, want an error containing %q", tc.name, err, tc.want)
+		}
 	}
 }
