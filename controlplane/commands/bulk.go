@@ -348,7 +348,12 @@ func (m *Manager) runHost(ctx context.Context, b *bulkRun, hostID string) hostOu
 	}
 	for ; i < len(steps); i++ {
 		step := steps[i]
-		m.awaitOnline(ctx, b, hostID)
+		if !m.awaitOnline(ctx, b, hostID) || m.isStopped() {
+			// Nothing was queued: the next server process runs this step.
+			b.interrupted.Store(true)
+			m.setResult(ctx, b, hostID, func(r *fleetv1.BulkHostResult) { r.Message = step + ": not started, the server stopped" })
+			return hostInterrupted
+		}
 		c, err := m.run(ctx, actor, hostID, step, b.plan.Force, bulkID)
 		var be *BlockedError
 		if errors.As(err, &be) && be.Reason == fleetv1.BlockReason_BLOCK_REASON_BUSY && be.RunningCommandID != "" {
@@ -411,19 +416,20 @@ func (m *Manager) awaitStep(ctx context.Context, b *bulkRun, hostID, step, comma
 
 // awaitOnline gives a host of a run continued after a restart until
 // b.onlineBy to reconnect; a fresh run refuses an offline host at once.
-func (m *Manager) awaitOnline(ctx context.Context, b *bulkRun, hostID string) {
+// It reports false when the server stopped meanwhile.
+func (m *Manager) awaitOnline(ctx context.Context, b *bulkRun, hostID string) bool {
 	if b.onlineBy.IsZero() || m.cfg.Hub.Conn(hostID) != nil {
-		return
+		return true
 	}
 	if _, ok := m.cfg.Hub.Host(hostID); !ok {
-		return
+		return true
 	}
 	m.setResult(ctx, b, hostID, func(r *fleetv1.BulkHostResult) {
 		r.Message = "waiting for the host to reconnect after the server restart"
 	})
 	wait := time.Until(b.onlineBy)
 	if wait <= 0 {
-		return
+		return true
 	}
 	deadline := time.NewTimer(wait)
 	defer deadline.Stop()
@@ -432,14 +438,15 @@ func (m *Manager) awaitOnline(ctx context.Context, b *bulkRun, hostID string) {
 	for m.cfg.Hub.Conn(hostID) == nil {
 		select {
 		case <-deadline.C:
-			return
+			return true
 		case <-m.stopped:
-			return
+			return false
 		case <-ctx.Done():
-			return
+			return true
 		case <-poll.C:
 		}
 	}
+	return true
 }
 
 // ResumeBulks continues the bulk runs a previous server process left
