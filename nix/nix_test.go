@@ -155,7 +155,7 @@ const fakeEnv = `
     enable = true; package = "/nix/store/agent"; serverUrl = "https://fleet.example.org";
     hostname = "web-1"; tokenFile = "/run/secrets/token"; repoUrl = "https://example.org/fleet";
     branch = "main"; interval = "5s"; location = null; deviceType = "server"; themeColor = null;
-    sshKeyFile = "/run/secrets/key"; extraFlags = [ ];
+    sshKeyFile = "/run/secrets/key"; caFile = null; tlsClientCert = null; tlsClientKey = null; extraFlags = [ ];
   };
 `
 
@@ -193,7 +193,7 @@ func TestAgentModule(t *testing.T) {
 		names = append(names, n)
 	}
 	slices.Sort(names)
-	wantNames := []string{"branch", "deviceType", "enable", "extraFlags", "hostname", "interval", "location", "package", "repoUrl", "serverUrl", "sshKeyFile", "themeColor", "tokenFile"}
+	wantNames := []string{"branch", "caFile", "deviceType", "enable", "extraFlags", "hostname", "interval", "location", "package", "repoUrl", "serverUrl", "sshKeyFile", "themeColor", "tlsClientCert", "tlsClientKey", "tokenFile"}
 	if !slices.Equal(names, wantNames) {
 		t.Errorf("options = %v, want %v", names, wantNames)
 	}

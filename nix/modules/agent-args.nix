@@ -22,6 +22,9 @@ in
     , deviceType ? null
     , themeColor ? null
     , sshKeyFile ? null
+    , caFile ? null
+    , tlsClientCert ? null
+    , tlsClientKey ? null
     , rebuildCommand ? null
     , rebootCommand ? null
     , selfPath ? null
@@ -40,6 +43,9 @@ in
       (opt "device-type" deviceType)
       (opt "theme-color" themeColor)
       (opt "ssh-key-file" sshKeyFile)
+      (opt "ca-file" caFile)
+      (opt "tls-client-cert" tlsClientCert)
+      (opt "tls-client-key" tlsClientKey)
       (opt "rebuild-command" rebuildCommand)
       (opt "reboot-command" rebootCommand)
       (opt "self-path" selfPath)

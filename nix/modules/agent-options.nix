@@ -57,6 +57,33 @@ in
     description = "SSH private key for a repository reached over SSH. Like tokenFile, a path outside the Nix store.";
   };
 
+  caFile = mkOption {
+    type = types.nullOr types.str;
+    default = null;
+    example = "/etc/nixplane/ca.pem";
+    description = "PEM CA bundle trusted, besides the system roots, for the server's certificate (for a server whose certificate comes from a private CA).";
+  };
+
+  tlsClientCert = mkOption {
+    type = types.nullOr types.str;
+    default = null;
+    example = "/var/lib/nixplane-agent-tls/cert.pem";
+    description = ''
+      PEM client certificate for a server started with --agent-client-ca: issued
+      by that CA, with this host's name (hostname) as a DNS name. Set together
+      with tlsClientKey. The agent reads both files again at every reconnect, so
+      renewing them in place needs no restart; they must be readable by the
+      agent's user (nixplane-agent under the NixOS module).
+    '';
+  };
+
+  tlsClientKey = mkOption {
+    type = types.nullOr types.str;
+    default = null;
+    example = "/var/lib/nixplane-agent-tls/key.pem";
+    description = "Private key of tlsClientCert. Like tokenFile, a path outside the Nix store.";
+  };
+
   extraFlags = mkOption {
     type = types.listOf types.str;
     default = [ ];

@@ -36,7 +36,7 @@ let
   rebootCmd = "/run/wrappers/bin/sudo -n /run/current-system/sw/bin/reboot";
 
   args = agentArgs {
-    inherit (cfg) serverUrl hostname repoUrl branch interval location deviceType themeColor extraFlags;
+    inherit (cfg) serverUrl hostname repoUrl branch interval location deviceType themeColor caFile tlsClientCert tlsClientKey extraFlags;
     hostType = "nixos";
     stateDir = stateDir;
     # %d is systemd's credentials directory (LoadCredential below).
@@ -72,7 +72,7 @@ in
         assertion = cfg.hostname != "";
         message = "services.nixplane-agent.hostname is empty; set it or networking.hostName.";
       }
-    ];
+    ] ++ import ./agent-assertions.nix { inherit lib cfg; };
 
     # On PATH as well, so that --self-path finds the agent binary of the
     # newly activated system and the agent can tell when a switch replaced it.

@@ -31,14 +31,14 @@ in
         assertion = !(lib.hasPrefix builtins.storeDir cfg.tokenFile);
         message = "services.nixplane-agent.tokenFile must not be in the Nix store (it is world-readable there).";
       }
-    ];
+    ] ++ import ./agent-assertions.nix { inherit lib cfg; };
 
     environment.systemPackages = [ cfg.package ];
 
     launchd.daemons.nixplane-agent.serviceConfig = {
       Label = "org.nixplane.agent";
       ProgramArguments = [ "${cfg.package}/bin/nixplane-agent" ] ++ agentArgs {
-        inherit (cfg) serverUrl hostname tokenFile repoUrl branch interval location deviceType themeColor sshKeyFile extraFlags;
+        inherit (cfg) serverUrl hostname tokenFile repoUrl branch interval location deviceType themeColor sshKeyFile caFile tlsClientCert tlsClientKey extraFlags;
         hostType = "darwin";
         inherit stateDir;
         selfPath = "/run/current-system/sw/bin/nixplane-agent";

@@ -9,7 +9,7 @@ let
   stateDir = "${config.home.homeDirectory}/.local/state/nixplane-agent";
 
   command = [ "${cfg.package}/bin/nixplane-agent" ] ++ agentArgs {
-    inherit (cfg) serverUrl hostname tokenFile repoUrl branch interval location deviceType themeColor sshKeyFile extraFlags;
+    inherit (cfg) serverUrl hostname tokenFile repoUrl branch interval location deviceType themeColor sshKeyFile caFile tlsClientCert tlsClientKey extraFlags;
     hostType = "home-manager";
     inherit stateDir;
     selfPath = "${config.home.profileDirectory}/bin/nixplane-agent";
@@ -46,7 +46,7 @@ in
           assertion = !(lib.hasPrefix builtins.storeDir cfg.tokenFile);
           message = "services.nixplane-agent.tokenFile must not be in the Nix store (it is world-readable there).";
         }
-      ];
+      ] ++ import ./agent-assertions.nix { inherit lib cfg; };
       home.packages = [ cfg.package ];
     }
 
