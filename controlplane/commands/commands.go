@@ -292,8 +292,14 @@ func (m *Manager) run(ctx context.Context, actor, hostID, name string, force boo
 		}), nil
 	}
 	return m.update(ctx, r, func(c *fleetv1.Command) {
-		c.State = typesv1.CommandState_COMMAND_STATE_RUNNING
-		c.StartedAt = timestamppb.New(m.now())
+		// A fast agent may already have answered (output, a result moving
+		// the command to post-validation): never move it back.
+		if c.State == typesv1.CommandState_COMMAND_STATE_QUEUED {
+			c.State = typesv1.CommandState_COMMAND_STATE_RUNNING
+		}
+		if c.StartedAt == nil {
+			c.StartedAt = timestamppb.New(m.now())
+		}
 	}), nil
 }
 

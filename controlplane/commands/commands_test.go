@@ -1355,3 +1355,26 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestFastResultIsNotOverwrittenByRunning: an agent that answers a switch
+// before the server marked it running (the result arrives while Send is
+// still returning) leaves the command in post-validation, and the status
+// report completes it.
+func TestFastResultIsNotOverwrittenByRunning(t *testing.T) {
+	e := newEnv(t, "web-1")
+	a := e.connect("web-1", nil)
+	a.onSend = func(m *agentv1.ConnectResponse) {
+		if run := m.GetRun(); run != nil {
+			e.m.HandleResult(e.ctx, "web-1", &agentv1.CommandResult{CommandId: run.CommandId, Outcome: agentv1.Outcome_OUTCOME_SUCCEEDED})
+		}
+	}
+	c, err := e.m.Run(e.ctx, "user:admin", "web-1", "switch", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.State != typesv1.CommandState_COMMAND_STATE_POST_VALIDATION || c.StartedAt == nil {
+		t.Fatalf("after a fast result the command is %s (started %v), want post-validation", c.State, c.StartedAt)
+	}
+	e.m.HandleStatus(e.ctx, "web-1", &agentv1.StatusReport{System: &typesv1.SystemCheck{Status: typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK}})
+	e.ended(c.CommandId, typesv1.CommandState_COMMAND_STATE_SUCCEEDED)
+}
