@@ -7,6 +7,11 @@ import (
 	"io"
 	"strings"
 	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
@@ -77,7 +82,7 @@ func client(ctx context.Context, cmd string, args []string, env Env) error {
 			return usagef("logs takes one command id")
 		}
 		if *follow {
-			c, err := followLog(ctx, env.Stdout, fc, pos[0], "")
+			c, err := followLog(ctx, env.Stdout, env.Stderr, fc, pos[0], "")
 			if err != nil {
 				return err
 			}
@@ -174,7 +179,7 @@ func run(ctx context.Context, env Env, fc fleetv1.FleetServiceClient, cmd string
 			prefix = c.HostId + " | "
 		}
 		go func() {
-			c, err := followLog(ctx, out, fc, c.CommandId, prefix)
+			c, err := followLog(ctx, out, env.Stderr, fc, c.CommandId, prefix)
 			ch <- res{c, err}
 		}()
 	}
@@ -194,26 +199,83 @@ func run(ctx context.Context, env Env, fc fleetv1.FleetServiceClient, cmd string
 	return nil
 }
 
-func followLog(ctx context.Context, w io.Writer, fc fleetv1.FleetServiceClient, id, prefix string) (*fleetv1.Command, error) {
-	st, err := fc.FollowCommandLog(ctx, &fleetv1.FollowCommandLogRequest{CommandId: id})
-	if err != nil {
-		return nil, rpcErr(err)
-	}
+// followLog prints a command's log from the start until the command ends
+// and returns the ended command. A server that restarts or a connection that
+// drops is waited for (up to reconnectFor) and the log resumes after the
+// last line printed, so no line is lost or printed twice.
+func followLog(ctx context.Context, w, notes io.Writer, fc fleetv1.FleetServiceClient, id, prefix string) (*fleetv1.Command, error) {
+	var last uint64
+	retry := newRetry()
 	for {
-		m, err := st.Recv()
-		if err != nil {
+		c, err := followOnce(ctx, w, fc, id, prefix, &last, retry.Reset)
+		if err == nil {
+			return c, nil
+		}
+		wait := retry.NextBackOff()
+		if !retryable(ctx, err) || wait == backoff.Stop {
 			if errors.Is(err, io.EOF) {
 				return nil, fmt.Errorf("log stream of %s ended before the command did", id)
 			}
 			return nil, rpcErr(err)
 		}
+		fmt.Fprintf(notes, "%s: connection to the server lost (%v); reconnecting in %s\n", id, rpcErr(err), wait.Round(100*time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// followOnce follows the log over one stream, printing lines after *last.
+func followOnce(ctx context.Context, w io.Writer, fc fleetv1.FleetServiceClient, id, prefix string, last *uint64, progress func()) (*fleetv1.Command, error) {
+	st, err := fc.FollowCommandLog(ctx, &fleetv1.FollowCommandLogRequest{CommandId: id, AfterSeq: *last})
+	if err != nil {
+		return nil, err
+	}
+	for {
+		m, err := st.Recv()
+		if err != nil {
+			return nil, err
+		}
+		progress()
 		for _, l := range m.Lines {
+			if l.Seq <= *last {
+				continue
+			}
 			printLine(w, prefix, l)
+			*last = l.Seq
 		}
 		if m.Command != nil {
 			return m.Command, nil
 		}
 	}
+}
+
+// reconnectFor is how long a waiting command keeps trying to reach a
+// server that went away (a restart or an upgrade takes seconds to a minute).
+var reconnectFor = 3 * time.Minute
+
+// newRetry is the reconnect schedule of waiting commands.
+func newRetry() backoff.BackOff {
+	return backoff.NewExponentialBackOff(backoff.WithInitialInterval(250*time.Millisecond), backoff.WithMaxInterval(5*time.Second),
+		backoff.WithMaxElapsedTime(reconnectFor))
+}
+
+// retryable: the server is restarting or the connection dropped, as opposed
+// to an answer (not found, permission denied) that retrying cannot change.
+func retryable(ctx context.Context, err error) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return true
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.Aborted, codes.Internal:
+		return true
+	}
+	return false
 }
 
 // exitFor prints each ended command's outcome and fails unless all

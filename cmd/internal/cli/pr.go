@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
+
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
@@ -86,6 +88,7 @@ func pr(ctx context.Context, cmd string, args []string, env Env) error {
 	b := r.Bulk
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
+	retry := newRetry()
 	for b.State == fleetv1.BulkState_BULK_STATE_RUNNING {
 		select {
 		case <-ctx.Done():
@@ -94,8 +97,14 @@ func pr(ctx context.Context, cmd string, args []string, env Env) error {
 		}
 		g, err := fc.GetBulkCommand(ctx, &fleetv1.GetBulkCommandRequest{BulkId: b.BulkId})
 		if err != nil {
+			// The run survives a server restart; wait for the server.
+			if retryable(ctx, err) && retry.NextBackOff() != backoff.Stop {
+				fmt.Fprintf(env.Stderr, "%s: server unreachable (%v); waiting\n", b.BulkId, rpcErr(err))
+				continue
+			}
 			return rpcErr(err)
 		}
+		retry.Reset()
 		b = g.Bulk
 	}
 	for _, res := range b.Results {
