@@ -496,7 +496,11 @@ func (c *Client) dispatch(m *agentv1.ConnectResponse) {
 func (c *Client) explain(err error) error {
 	switch status.Code(err) {
 	case codes.Unauthenticated, codes.PermissionDenied:
-		c.log.Error("server rejected the agent's credentials for host "+c.cfg.Hostname, "host", c.cfg.Hostname, "code", status.Code(err).String(), "detail", status.Convert(err).Message())
+		what := "token"
+		if strings.Contains(status.Convert(err).Message(), "client certificate") {
+			what = "client certificate"
+		}
+		c.log.Error("server rejected the agent "+what+" for host "+c.cfg.Hostname, "host", c.cfg.Hostname, "code", status.Code(err).String(), "detail", status.Convert(err).Message())
 	case codes.Aborted:
 		c.log.Warn("another connection for this host replaced this one", "host", c.cfg.Hostname, "detail", status.Convert(err).Message())
 	}

@@ -156,7 +156,8 @@ func TestBinaryWithClientCertificate(t *testing.T) {
 
 	without := start(false)
 	waitFor(t, "the refusal of the agent without a certificate", func() bool {
-		return strings.Contains(without.String(), "this server requires an agent client certificate")
+		return strings.Contains(without.String(), "server rejected the agent client certificate for host web-1") &&
+			strings.Contains(without.String(), "this server requires an agent client certificate")
 	})
 	if strings.Contains(without.String(), "msg=connected") {
 		t.Fatalf("the agent without a certificate connected:\n%s", without)
