@@ -36,6 +36,9 @@ import (
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
+// alicePassword is the seeded user alice's password.
+const alicePassword = "alice's long password"
+
 // secEnv is a running server seeded for security tests: hosts m-1, m-2 (both
 // with agent tokens; m-3 never connects), API tokens of each scope, and the
 // user alice with a live and an expired browser session.
@@ -91,7 +94,7 @@ func startSecEnvWith(t *testing.T, seedUser func(st *store.SQLite), tune func(*c
 		}
 		e.api[name] = secret
 	}
-	pw, err := auth.HashPassword("alice's long password")
+	pw, err := auth.HashPassword(alicePassword)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +245,7 @@ var matrixCases = map[string]matrixCase{
 	adminv1.AdminService_ListAPITokens_FullMethodName:         {adminRead, &adminv1.ListAPITokensRequest{}, codes.OK},
 	adminv1.AdminService_RevokeAPIToken_FullMethodName:        {adminWrite, &adminv1.RevokeAPITokenRequest{Name: "ghost"}, codes.NotFound},
 	adminv1.AdminService_ListAuditEvents_FullMethodName:       {adminRead, &adminv1.ListAuditEventsRequest{Limit: 1}, codes.OK},
-	adminv1.AdminService_BeginTOTPEnrollment_FullMethodName:   {sessionOnly, &adminv1.BeginTOTPEnrollmentRequest{}, codes.OK},
+	adminv1.AdminService_BeginTOTPEnrollment_FullMethodName:   {sessionOnly, &adminv1.BeginTOTPEnrollmentRequest{Password: alicePassword}, codes.OK}, // 3 of the 5 password attempts
 	adminv1.AdminService_ConfirmTOTPEnrollment_FullMethodName: {sessionOnly, &adminv1.ConfirmTOTPEnrollmentRequest{Code: "12"}, codes.InvalidArgument},
 	adminv1.AdminService_DisableTOTP_FullMethodName:           {sessionOnly, &adminv1.DisableTOTPRequest{Code: "123456"}, codes.FailedPrecondition}, // not enabled
 

@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -31,7 +32,9 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/nixplane/nixplane/controlplane"
+	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
+	"github.com/nixplane/nixplane/controlplane/store"
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
@@ -112,7 +115,7 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 	if code, body := e.sessionREST(t, "POST", "/api/totp/enrollment/confirm", `{"code":"123456"}`); code != http.StatusConflict {
 		t.Fatalf("confirm before begin: %d %s, want 409", code, body)
 	}
-	code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", `{}`)
+	code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", beginBody(alicePassword))
 	if code != 200 {
 		t.Fatalf("begin: %d %s", code, body)
 	}
@@ -150,7 +153,7 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 	if !e.whoami(t).TotpEnabled {
 		t.Fatal("TOTP not enabled after confirmation")
 	}
-	if code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", `{}`); code != http.StatusConflict {
+	if code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", beginBody(alicePassword)); code != http.StatusConflict {
 		t.Fatalf("begin while enabled: %d %s, want 409", code, body)
 	}
 
@@ -248,6 +251,185 @@ func TestTOTPEnrolmentAndDestructiveCommands(t *testing.T) {
 		if strings.Contains(ev.Detail, begin.Secret) {
 			t.Fatal("the TOTP secret leaked into the audit log")
 		}
+	}
+}
+
+// beginBody is the JSON body of POST /api/totp/enrollment.
+func beginBody(password string) string {
+	b, err := json.Marshal(map[string]string{"password": password})
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}
+
+// TestTOTPEnrolmentNeedsPassword: a session alone cannot begin an
+// enrolment. A missing or wrong password is refused (400 / InvalidArgument,
+// "wrong password") without starting one, guesses are limited per user
+// (429 / ResourceExhausted, even for the right password then), and every
+// refusal is in the audit log without the password.
+func TestTOTPEnrolmentNeedsPassword(t *testing.T) {
+	e := startSecEnv(t, nil)
+	ctx := context.Background()
+	admin := adminv1.NewAdminServiceClient(e.conn)
+
+	noEnrolment := func(t *testing.T) {
+		t.Helper()
+		code, body := e.sessionREST(t, "POST", "/api/totp/enrollment/confirm", `{"code":"123456"}`)
+		if code != http.StatusConflict || !strings.Contains(string(body), "no TOTP enrolment under way") {
+			t.Fatalf("a refused begin left an enrolment behind: confirm answered %d %s", code, body)
+		}
+	}
+	wrongPassword := func(t *testing.T, what string, code int, body []byte) {
+		t.Helper()
+		var st struct {
+			Code    int    `json:"code"`
+			Message string `json:"message"`
+		}
+		if err := json.Unmarshal(body, &st); err != nil {
+			t.Fatalf("%s: %d %s: %v", what, code, body, err)
+		}
+		if code != http.StatusBadRequest || codes.Code(st.Code) != codes.InvalidArgument || st.Message != "wrong password" {
+			t.Fatalf("%s: %d %s, want 400 InvalidArgument \"wrong password\"", what, code, body)
+		}
+	}
+
+	// No password at all, an empty one, a wrong one, the right one with a
+	// character missing: all refused alike. The empty ones cost no attempt.
+	start := time.Now()
+	for _, tc := range []struct{ name, body string }{
+		{"no password", `{}`},
+		{"empty password", beginBody("")},
+		{"wrong password", beginBody("not alice's password")},
+		{"truncated password", beginBody(alicePassword[:len(alicePassword)-1])},
+	} {
+		code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", tc.body)
+		wrongPassword(t, tc.name, code, body)
+	}
+	noEnrolment(t)
+	_, err := admin.BeginTOTPEnrollment(e.grpcCtx(ctx, credSession), &adminv1.BeginTOTPEnrollmentRequest{Password: "ALICE'S LONG PASSWORD"})
+	if status.Code(err) != codes.InvalidArgument || status.Convert(err).Message() != "wrong password" {
+		t.Fatalf("gRPC begin with a wrong password: %v, want InvalidArgument \"wrong password\"", err)
+	}
+	noEnrolment(t)
+	if e.whoami(t).TotpEnabled {
+		t.Fatal("TOTP enabled after refused enrolments")
+	}
+
+	// Three guesses spent; two more are judged, then even the right
+	// password is refused unread.
+	for i := 0; i < 2; i++ {
+		code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", beginBody("guess "+strconv.Itoa(i)))
+		wrongPassword(t, "guess "+strconv.Itoa(i), code, body)
+	}
+	code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", beginBody(alicePassword))
+	if code != http.StatusTooManyRequests || !strings.Contains(string(body), "too many password attempts") {
+		skipIfRefilled(t, start)
+		t.Fatalf("sixth attempt: %d %s, want 429", code, body)
+	}
+	_, err = admin.BeginTOTPEnrollment(e.grpcCtx(ctx, credSession), &adminv1.BeginTOTPEnrollmentRequest{Password: alicePassword})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("gRPC begin over the limit: %v, want ResourceExhausted", err)
+	}
+	// An empty password is still judged at once: it needs no attempt.
+	code, body = e.sessionREST(t, "POST", "/api/totp/enrollment", beginBody(""))
+	wrongPassword(t, "empty password over the limit", code, body)
+	noEnrolment(t)
+
+	// The password guesses are counted apart from one-time code guesses.
+	if code, body := e.sessionREST(t, "POST", "/api/totp/enrollment/confirm", `{"code":"123456"}`); code != http.StatusConflict {
+		t.Fatalf("confirm after the password limit: %d %s, want 409", code, body)
+	}
+
+	evs, err := admin.ListAuditEvents(e.grpcCtx(ctx, credAdmin), &adminv1.ListAuditEventsRequest{Limit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for i := len(evs.Events) - 1; i >= 0; i-- {
+		ev := evs.Events[i]
+		if ev.Action != "BeginTOTPEnrollment" {
+			continue
+		}
+		got = append(got, ev.Actor+" "+ev.Result)
+		for _, pw := range []string{alicePassword, "not alice's password", "guess 0"} {
+			if strings.Contains(ev.Detail, pw) {
+				t.Fatalf("a password leaked into the audit log: %q", ev.Detail)
+			}
+		}
+	}
+	want := strings.Repeat("user:alice InvalidArgument\n", 5) + strings.Repeat("user:alice InvalidArgument\n", 2) +
+		"user:alice ResourceExhausted\nuser:alice ResourceExhausted\nuser:alice InvalidArgument"
+	if strings.Join(got, "\n") != want {
+		t.Fatalf("audit log of BeginTOTPEnrollment:\n%s\nwant:\n%s", strings.Join(got, "\n"), want)
+	}
+}
+
+// skipIfRefilled skips a test whose guesses since start took longer than
+// the limiter's refill interval (12 seconds): a guess allowed then is the
+// limiter working, not failing. Each guess costs a bcrypt comparison, slow
+// under the race detector on a busy machine.
+func skipIfRefilled(t *testing.T, start time.Time) {
+	t.Helper()
+	if d := time.Since(start); d >= 12*time.Second {
+		t.Skipf("the guesses took %v, so the limiter refilled an attempt meanwhile; the limit cannot be observed", d.Round(time.Millisecond))
+	}
+}
+
+// TestTOTPEnrolmentRightPassword: the right password begins an enrolment
+// over gRPC, and the limit is per user: alice's spent guesses leave bob's
+// untouched.
+func TestTOTPEnrolmentRightPassword(t *testing.T) {
+	const bobPassword = "bob's other password"
+	bobSession := auth.NewSecret("")
+	e := startSecEnv(t, func(st *store.SQLite) {
+		ctx := context.Background()
+		pw, err := auth.HashPassword(bobPassword)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.CreateUser(ctx, store.User{Name: "bob", PasswordHash: pw}); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.CreateSession(ctx, store.Session{IDHash: auth.HashSecret(bobSession), User: "bob", CSRFToken: "bob-csrf",
+			ExpiresAt: time.Now().Add(time.Hour)}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	ctx := context.Background()
+	admin := adminv1.NewAdminServiceClient(e.conn)
+	start := time.Now()
+	for i := 0; i < 6; i++ {
+		code, body := e.sessionREST(t, "POST", "/api/totp/enrollment", beginBody("guess "+strconv.Itoa(i)))
+		if want := map[bool]int{true: http.StatusBadRequest, false: http.StatusTooManyRequests}[i < 5]; code != want {
+			if i == 5 {
+				skipIfRefilled(t, start)
+			}
+			t.Fatalf("alice's guess %d: %d %s, want %d", i, code, body, want)
+		}
+	}
+	bob := metadata.AppendToOutgoingContext(ctx, "cookie", auth.SessionCookie+"="+bobSession, "x-csrf-token", "bob-csrf", "origin", e.origin)
+	// Bob's own password is not alice's.
+	if _, err := admin.BeginTOTPEnrollment(bob, &adminv1.BeginTOTPEnrollmentRequest{Password: alicePassword}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("bob with alice's password: %v, want InvalidArgument", err)
+	}
+	res, err := admin.BeginTOTPEnrollment(bob, &adminv1.BeginTOTPEnrollmentRequest{Password: bobPassword})
+	if err != nil {
+		t.Fatalf("bob with his password: %v", err)
+	}
+	if len(res.Secret) < 16 || !strings.Contains(res.OtpauthUri, ":bob?") || len(res.QrPng) == 0 {
+		t.Fatalf("enrolment answer: %v", res)
+	}
+	code, err := totp.GenerateCode(res.Secret, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.ConfirmTOTPEnrollment(bob, &adminv1.ConfirmTOTPEnrollmentRequest{Code: code}); err != nil {
+		t.Fatalf("bob confirms: %v", err)
+	}
+	who, err := admin.WhoAmI(bob, &adminv1.WhoAmIRequest{})
+	if err != nil || !who.TotpEnabled || who.Actor != "user:bob" {
+		t.Fatalf("bob after enrolment: %v %v", who, err)
 	}
 }
 
@@ -394,7 +576,7 @@ func TestSecurityHeaders(t *testing.T) {
 		check(t, te, &http.Client{Transport: tr, CheckRedirect: noRedirect}, "https://"+te.addr, true)
 		// The session cookie a TLS login sets is Secure.
 		resp, err := (&http.Client{Transport: tr, CheckRedirect: noRedirect}).PostForm("https://"+te.addr+"/login",
-			url.Values{"username": {"alice"}, "password": {"alice's long password"}})
+			url.Values{"username": {"alice"}, "password": {alicePassword}})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/pquerna/otp"
 	"github.com/pquerna/otp/totp"
+	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/time/rate"
 
 	"google.golang.org/grpc/codes"
@@ -57,12 +58,14 @@ type Admin struct {
 	// the login and destructive commands. Nil: no replay protection.
 	Codes *auth.OneTimeCodes
 
-	codes codeLimiter
+	codes     codeLimiter
+	passwords codeLimiter
 }
 
-// codeLimiter bounds one-time code guesses per user: 5 at once, then one
-// every 12 seconds, so a stolen session cannot try its way through the
-// million codes.
+// codeLimiter bounds guesses per user: 5 at once, then one every 12
+// seconds, so a stolen session cannot try its way through the million
+// one-time codes (or through likely passwords). The one-time code and the
+// password guesses of a user are counted apart.
 type codeLimiter struct {
 	mu sync.Mutex
 	m  map[string]*rate.Limiter
@@ -182,14 +185,19 @@ func (a *Admin) ListAuditEvents(ctx context.Context, req *adminv1.ListAuditEvent
 }
 
 // BeginTOTPEnrollment implements AdminService: a new secret, kept pending
-// until ConfirmTOTPEnrollment.
-func (a *Admin) BeginTOTPEnrollment(ctx context.Context, _ *adminv1.BeginTOTPEnrollmentRequest) (*adminv1.BeginTOTPEnrollmentResponse, error) {
+// until ConfirmTOTPEnrollment. It needs the user's password, so a stolen
+// session cannot put its own authenticator on an account without TOTP and
+// lock its owner out.
+func (a *Admin) BeginTOTPEnrollment(ctx context.Context, req *adminv1.BeginTOTPEnrollmentRequest) (*adminv1.BeginTOTPEnrollmentResponse, error) {
 	user, err := a.sessionUser(ctx)
 	if err != nil {
 		return nil, err
 	}
 	if user.TOTPSecret != "" {
 		return nil, status.Error(codes.FailedPrecondition, "TOTP is already enabled; disable it first to enrol a new authenticator")
+	}
+	if err := a.checkPassword(user, req.Password); err != nil {
+		return nil, err
 	}
 	key, err := totp.Generate(totp.GenerateOpts{Issuer: TOTPIssuer, AccountName: user.Name})
 	if err != nil {
@@ -294,6 +302,28 @@ func (a *Admin) checkCode(user, code, secret string) error {
 	}
 	if !a.Codes.Validate(user, code, secret) {
 		return status.Error(codes.InvalidArgument, "wrong or expired one-time code")
+	}
+	return nil
+}
+
+// errWrongPassword is the one answer to a missing or wrong password, so
+// the answer tells nothing about why.
+var errWrongPassword = status.Error(codes.InvalidArgument, "wrong password")
+
+// checkPassword compares password with the user's bcrypt hash, with
+// guesses bounded per user. An empty password cannot match (passwords
+// have at least 8 bytes) and spends neither an attempt nor a hash; every
+// other one costs a full bcrypt comparison, which takes the same time
+// whatever the password, and an attempt.
+func (a *Admin) checkPassword(user store.User, password string) error {
+	if password == "" {
+		return errWrongPassword
+	}
+	if !a.passwords.allow(user.Name) {
+		return status.Error(codes.ResourceExhausted, "too many password attempts; wait a minute")
+	}
+	if bcrypt.CompareHashAndPassword(user.PasswordHash, []byte(password)) != nil {
+		return errWrongPassword
 	}
 	return nil
 }
