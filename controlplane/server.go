@@ -431,18 +431,70 @@ func (s *server) serve(ctx context.Context) error {
 	return err
 }
 
-// shutdown stops in order: health says not serving, agents are told, gRPC
-// streams end (http.Server.Shutdown alone would wait for them forever), HTTP
-// drains with a deadline.
+// shutdown stops in order, each step bounded so a stop never hangs:
+//  1. health says not serving;
+//  2. no new connections: http.Server.Shutdown closes the listener at once
+//     and sends HTTP/2 clients GOAWAY (so no new stream arrives on an open
+//     connection either), then waits in the background for connections to
+//     go idle;
+//  3. the hub closes every agent session and refuses new ones (Unavailable
+//     with a retry hint), and the agents are given a moment to hear it;
+//  4. gRPC ends the remaining streams (http.Server.Shutdown alone would wait
+//     for watchers forever); if that does not finish in time, every
+//     connection is closed;
+//  5. HTTP drains with a deadline.
 func (s *server) shutdown(hs *http.Server) {
+	const (
+		agentsWait = 5 * time.Second  // for closed agent sessions to end
+		grpcWait   = 10 * time.Second // for grpc.Server.Stop
+		httpWait   = 10 * time.Second // for the HTTP drain after that
+	)
 	s.log.Info("shutting down")
 	s.health.Shutdown()
+
+	listenerClosed := make(chan struct{})
+	hs.RegisterOnShutdown(func() { close(listenerClosed) })
+	drainCtx, cancelDrain := context.WithCancel(context.Background())
+	defer cancelDrain()
+	drained := make(chan error, 1)
+	go func() { drained <- hs.Shutdown(drainCtx) }()
+	select {
+	case <-listenerClosed:
+	case err := <-drained: // Shutdown returned before its hooks ran
+		drained <- err
+	}
+
 	s.hub.CloseAll()
-	s.grpc.Stop()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := hs.Shutdown(ctx); err != nil {
-		s.log.Warn("HTTP shutdown", "err", err)
+	agents := time.NewTimer(agentsWait)
+	select {
+	case <-s.hub.Drained():
+	case <-agents.C:
+		s.log.Warn("agent sessions still open after shutdown was announced", "waited", agentsWait)
+	}
+	agents.Stop()
+
+	stopped := make(chan struct{})
+	go func() { s.grpc.Stop(); close(stopped) }()
+	grpcTimer := time.NewTimer(grpcWait)
+	defer grpcTimer.Stop()
+	select {
+	case <-stopped:
+	case <-grpcTimer.C:
+		s.log.Warn("gRPC streams did not end in time; closing every connection", "waited", grpcWait)
+		_ = hs.Close()
+	}
+
+	httpTimer := time.NewTimer(httpWait)
+	defer httpTimer.Stop()
+	select {
+	case err := <-drained:
+		if err != nil {
+			s.log.Warn("HTTP shutdown", "err", err)
+			_ = hs.Close()
+		}
+	case <-httpTimer.C:
+		s.log.Warn("HTTP connections did not drain in time; closing them", "waited", httpWait)
+		cancelDrain()
 		_ = hs.Close()
 	}
 	_ = s.gwConn.Close()

@@ -9,9 +9,11 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -45,8 +47,12 @@ type Server struct {
 	ServerVersion string
 	// HelloTimeout bounds the wait for the first message (default 10s).
 	HelloTimeout time.Duration
-	Metrics      Metrics
-	Log          *slog.Logger
+	// ShutdownRetryMax bounds the retry delay suggested to agents when the
+	// server stops (default 10s): each is told a random delay between one
+	// second and this, so a large fleet does not reconnect in one burst.
+	ShutdownRetryMax time.Duration
+	Metrics          Metrics
+	Log              *slog.Logger
 }
 
 type streamSender struct {
@@ -91,6 +97,8 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 	}
 	if errors.Is(err, hub.ErrUnknownHost) {
 		return status.Error(codes.PermissionDenied, "host was removed")
+	} else if errors.Is(err, hub.ErrShutdown) {
+		return s.shutdownStatus()
 	} else if err != nil {
 		return status.Error(codes.Internal, "register session")
 	}
@@ -142,7 +150,7 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 				return status.Error(codes.PermissionDenied, "host removed or token revoked")
 			case errors.Is(cause, hub.ErrShutdown):
 				reason = "server shutting down"
-				return status.Error(codes.Unavailable, "server shutting down")
+				return s.shutdownStatus()
 			}
 			return status.FromContextError(ctx.Err()).Err()
 		case err := <-recvErr:
@@ -158,6 +166,25 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 			return err
 		}
 	}
+}
+
+// shutdownStatus is the answer while the server stops: Unavailable with a
+// google.rpc.RetryInfo suggesting a random delay, which spreads the
+// reconnects of a large fleet over the next seconds.
+func (s *Server) shutdownStatus() error {
+	most := s.ShutdownRetryMax
+	if most <= 0 {
+		most = 10 * time.Second
+	}
+	delay := time.Second
+	if most > delay {
+		delay += rand.N(most - delay)
+	}
+	st := status.New(codes.Unavailable, "server shutting down")
+	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(delay)}); err == nil {
+		st = d
+	}
+	return st.Err()
 }
 
 func (s *Server) recvHello(ctx context.Context, stream agentv1.AgentService_ConnectServer) (*agentv1.Hello, error) {

@@ -117,6 +117,13 @@ type Hub struct {
 	prError   string
 	prChecked time.Time
 	connSeq   uint64
+	// closed is set by CloseAll: the server is stopping, and Connect
+	// refuses every new session from then on.
+	closed bool
+	// live counts hosts with a registered session; drained is closed once
+	// the hub is closed and live is zero.
+	live    int
+	drained chan struct{}
 }
 
 // New returns a hub loaded with the stored hosts, all offline.
@@ -133,7 +140,8 @@ func New(ctx context.Context, cfg Config) (*Hub, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	h := &Hub{cfg: cfg, log: cfg.Log, hosts: map[string]*liveHost{}, watchers: map[*Watcher]struct{}{}, commands: map[string]*fleetv1.Command{}}
+	h := &Hub{cfg: cfg, log: cfg.Log, hosts: map[string]*liveHost{}, watchers: map[*Watcher]struct{}{}, commands: map[string]*fleetv1.Command{},
+		drained: make(chan struct{})}
 	hosts, err := cfg.Store.ListHosts(ctx)
 	if err != nil {
 		return nil, err
@@ -221,6 +229,7 @@ func (h *Hub) RemoveHost(id string) {
 	}
 	if lh.conn != nil {
 		lh.conn.Close(ErrRemoved)
+		h.sessionEnded()
 	}
 	delete(h.hosts, id)
 	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostRemoved{HostRemoved: &fleetv1.HostRemoved{HostId: id}}})
@@ -237,16 +246,23 @@ func (h *Hub) Kick(id string, cause error) {
 
 // Connect registers an agent session after its hello. An older session of
 // the same host is closed with [ErrReplaced]. It returns the session and the
-// host's updated durable record, which the caller persists.
+// host's updated durable record, which the caller persists. After
+// [Hub.CloseAll] it refuses every session with [ErrShutdown], so agents that
+// reconnect while the server stops are not welcomed again.
 func (h *Hub) Connect(hostID string, hello *agentv1.Hello, sender Sender, cancel context.CancelCauseFunc) (*Conn, *fleetv1.Host, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.closed {
+		return nil, nil, ErrShutdown
+	}
 	lh, ok := h.hosts[hostID]
 	if !ok {
 		return nil, nil, ErrUnknownHost
 	}
 	if lh.conn != nil {
 		lh.conn.Close(ErrReplaced)
+	} else {
+		h.live++
 	}
 	h.connSeq++
 	c := &Conn{HostID: hostID, sender: sender, cancel: cancel, seq: h.connSeq}
@@ -303,6 +319,7 @@ func (h *Hub) Disconnect(c *Conn, reason string) {
 	lh.online = false
 	lh.metrics = nil
 	lh.seenDirty = true
+	h.sessionEnded()
 	ev := &fleetv1.HostOffline{HostId: c.HostID, Reason: reason}
 	if !lh.lastSeen.IsZero() {
 		ev.LastSeen = timestamppb.New(lh.lastSeen)
@@ -631,13 +648,39 @@ func (h *Hub) Run(ctx context.Context, flush time.Duration) error {
 	}
 }
 
-// CloseAll ends every agent session (shutdown).
+// CloseAll ends every agent session with [ErrShutdown] and makes
+// [Hub.Connect] refuse new ones: the server is stopping. It is idempotent.
 func (h *Hub) CloseAll() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.closed = true
 	for _, lh := range h.hosts {
 		if lh.conn != nil {
 			lh.conn.Close(ErrShutdown)
+		}
+	}
+	h.checkDrained()
+}
+
+// Drained is closed once [Hub.CloseAll] ran and every session it closed has
+// disconnected, so a stopping server can let agents hear why their stream
+// ended before it tears the connections down.
+func (h *Hub) Drained() <-chan struct{} { return h.drained }
+
+// sessionEnded counts a session off. Caller holds mu.
+func (h *Hub) sessionEnded() {
+	h.live--
+	h.checkDrained()
+}
+
+// checkDrained closes drained when the hub is closed and no session is
+// left. Caller holds mu.
+func (h *Hub) checkDrained() {
+	if h.closed && h.live == 0 {
+		select {
+		case <-h.drained:
+		default:
+			close(h.drained)
 		}
 	}
 }
