@@ -109,12 +109,27 @@ func TestTOTPEnrolment(t *testing.T) {
 
 	openAccountMenu(b, "#menu-totp")
 	b.waitFor("the two-factor dialog", `document.querySelector("#totp-dialog").open && !document.querySelector("#totp-begin").hidden`)
-	b.do(chromedp.Click("#totp-begin"))
+	if !evalT[bool](b, `(() => { const p = document.querySelector("#totp-password"); return p.type === "password" && p.autocomplete === "current-password" && p.offsetParent !== null; })()`) {
+		t.Fatal("the set-up step does not ask for the current password")
+	}
+
+	// Setting up needs the account's password: a wrong one is refused with
+	// the server's words in the dialog, and no secret is shown.
+	b.do(chromedp.SendKeys("#totp-password", "not the password"), chromedp.Click("#totp-begin"))
+	b.waitFor("the wrong password refused", `(() => { const e = document.querySelector("#totp-error"); return !e.hidden && e.textContent.includes("wrong password"); })()`)
+	if !evalT[bool](b, `document.querySelector("#totp-enrol").hidden && document.querySelector("#totp-qr") === null && document.querySelector("#totp-secret").textContent === "" && document.querySelector("#totp-password").value === ""`) {
+		t.Fatal("a wrong password showed a secret or kept the typed password")
+	}
+	// Enter in the password field sets it up, as the button does.
+	b.do(chromedp.SendKeys("#totp-password", adminPassword+"\r"))
 	// The QR code is a data: image: it loads only if the CSP allows it.
 	b.waitFor("the QR code", `(() => { const i = document.querySelector("#totp-qr"); return i && i.complete && i.naturalWidth > 0; })()`)
 	secret := evalT[string](b, `document.querySelector("#totp-secret").textContent`)
 	if len(secret) < 16 {
 		t.Fatalf("secret %q", secret)
+	}
+	if !evalT[bool](b, `document.querySelector("#totp-error").hidden && document.querySelector("#totp-password-row").hidden`) {
+		t.Error("the password field or its error is still shown next to the secret")
 	}
 
 	// A wrong code is refused and nothing changes.

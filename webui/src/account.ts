@@ -26,6 +26,39 @@ export function accountView(who: Pick<WhoAmIResponse, "scope" | "session" | "tot
   };
 }
 
+/** TotpStep is where the two-factor dialog stands. */
+export type TotpStep = "begin" | "confirm" | "disable";
+
+/** totpStep is the dialog's step: turning it off when on, confirming a code while a secret is shown, else beginning. */
+export function totpStep(on: boolean, enrolling: boolean): TotpStep {
+  return on ? "disable" : enrolling ? "confirm" : "begin";
+}
+
+/** TotpControls says which parts of the two-factor dialog a step shows. */
+export interface TotpControls {
+  /** The current password, asked before a secret is made. */
+  password: boolean;
+  /** The QR code and secret. */
+  secret: boolean;
+  /** The six-digit code. */
+  code: boolean;
+  begin: boolean;
+  confirm: boolean;
+  disable: boolean;
+}
+
+/** totpControls decides the dialog for a step. */
+export function totpControls(step: TotpStep): TotpControls {
+  return {
+    password: step === "begin",
+    secret: step === "confirm",
+    code: step !== "begin",
+    begin: step === "begin",
+    confirm: step === "confirm",
+    disable: step === "disable",
+  };
+}
+
 /** scopeName names a token scope. */
 export function scopeName(s: Scope): string {
   switch (s) {
@@ -91,6 +124,7 @@ export class Account {
   private readonly admin;
   private who: WhoAmIResponse | null = null;
   private closeMenu: (() => void) | null = null;
+  private step: TotpStep = "begin";
 
   constructor(transport: Transport) {
     this.admin = createClient(AdminService, transport);
@@ -113,11 +147,12 @@ export class Account {
     });
     byId("token-copy").addEventListener("click", () => void copyText(byId("token-secret").textContent ?? "", "Token"));
     byId("totp-close").addEventListener("click", () => byId<HTMLDialogElement>("totp-dialog").close());
-    byId("totp-begin").addEventListener("click", () => void this.beginTotp());
     byId("totp-copy").addEventListener("click", () => void copyText(byId("totp-secret").textContent ?? "", "Secret"));
+    // Enter in either field submits the form: what it does follows the step.
     byId("totp-form").addEventListener("submit", (e) => {
       e.preventDefault();
-      void this.submitTotp();
+      if (this.step === "begin") void this.beginTotp();
+      else void this.submitTotp();
     });
   }
 
@@ -254,28 +289,48 @@ export class Account {
 
   /** renderTotp shows the dialog for the current state; enrolling while a secret is shown. */
   private renderTotp(enrolling: boolean): void {
-    const on = this.who?.totpEnabled === true;
-    byId("totp-status").textContent = on
-      ? "Two-factor authentication is on. Logins, reboots and rollbacks ask for a code. Enter a current code to turn it off."
-      : enrolling
-        ? "Not on yet: it starts once a code from the app is confirmed."
-        : "Two-factor authentication is off. With it on, logins, reboots and rollbacks ask for a six-digit code from an app.";
-    byId("totp-enrol").hidden = !enrolling;
-    byId("totp-code-row").hidden = !on && !enrolling;
-    byId("totp-begin").hidden = on || enrolling;
-    byId("totp-confirm").hidden = on || !enrolling;
-    byId("totp-disable").hidden = !on;
-    const code = byId<HTMLInputElement>("totp-code");
-    code.value = "";
-    if (!enrolling) {
+    this.step = totpStep(this.who?.totpEnabled === true, enrolling);
+    const c = totpControls(this.step);
+    byId("totp-status").textContent =
+      this.step === "disable"
+        ? "Two-factor authentication is on. Logins, reboots and rollbacks ask for a code. Enter a current code to turn it off."
+        : this.step === "confirm"
+          ? "Not on yet: it starts once a code from the app is confirmed."
+          : "Two-factor authentication is off. With it on, logins, reboots and rollbacks ask for a six-digit code from an app. Enter your current password to set it up.";
+    byId("totp-enrol").hidden = !c.secret;
+    byId("totp-password-row").hidden = !c.password;
+    byId("totp-code-row").hidden = !c.code;
+    byId("totp-begin").hidden = !c.begin;
+    byId("totp-confirm").hidden = !c.confirm;
+    byId("totp-disable").hidden = !c.disable;
+    byId<HTMLInputElement>("totp-password").value = "";
+    byId<HTMLInputElement>("totp-code").value = "";
+    this.showTotpError("");
+    if (!c.secret) {
       byId("totp-qr-box").replaceChildren();
       byId("totp-secret").textContent = "";
     }
   }
 
+  /** showTotpError writes a refusal into the dialog; "" hides it. */
+  private showTotpError(text: string): void {
+    const e = byId("totp-error");
+    e.textContent = text;
+    e.hidden = text === "";
+  }
+
   private async beginTotp(): Promise<void> {
+    const field = byId<HTMLInputElement>("totp-password");
+    const password = field.value;
+    if (password === "") {
+      this.showTotpError("Enter your current password to set up two-factor authentication.");
+      field.focus();
+      return;
+    }
+    const button = byId<HTMLButtonElement>("totp-begin");
+    button.disabled = true;
     try {
-      const res = await this.admin.beginTOTPEnrollment({});
+      const res = await this.admin.beginTOTPEnrollment({ password });
       const url = pngDataUrl(res.qrPng);
       const box = byId("totp-qr-box");
       box.replaceChildren();
@@ -295,8 +350,13 @@ export class Account {
     } catch (err) {
       const ce = ConnectError.from(err);
       if (ce.code === Code.FailedPrecondition) await this.load();
-      showToast(errorText(err, "Setting up two-factor authentication"), "error");
       this.renderTotp(false);
+      // The server's own words: "wrong password", or how long to wait.
+      this.showTotpError(errorText(err, "Setting up two-factor authentication"));
+      if (this.step === "begin") byId("totp-password").focus();
+    } finally {
+      field.value = "";
+      button.disabled = false;
     }
   }
 

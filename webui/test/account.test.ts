@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { accountView, formatWhen, pngDataUrl, scopeFromName, scopeName, TOKEN_NAME } from "../src/account";
+import { accountView, formatWhen, pngDataUrl, scopeFromName, scopeName, TOKEN_NAME, totpControls, totpStep } from "../src/account";
 import { Scope } from "../src/gen/nixplane/admin/v1/admin_pb";
 
 describe("account menu", () => {
@@ -17,6 +17,28 @@ describe("account menu", () => {
     assert.equal(accountView({ scope: Scope.READ, session: true, totpEnabled: true }).totp, "disable");
     assert.equal(accountView({ scope: Scope.ADMIN, session: false, totpEnabled: false }).totp, "none");
     assert.equal(accountView(null).totp, "none");
+  });
+
+  it("asks for the password before a secret is made, and for a code after", () => {
+    assert.equal(totpStep(false, false), "begin");
+    assert.equal(totpStep(false, true), "confirm");
+    assert.equal(totpStep(true, false), "disable");
+    assert.equal(totpStep(true, true), "disable", "on wins over a stale enrolment");
+    const begin = totpControls("begin");
+    assert.deepEqual(begin, { password: true, secret: false, code: false, begin: true, confirm: false, disable: false });
+    for (const step of ["confirm", "disable"] as const) {
+      const c = totpControls(step);
+      assert.equal(c.password, false, `${step}: no password field`);
+      assert.equal(c.code, true, `${step}: a code field`);
+      assert.equal(c.begin, false, `${step}: no set-up button`);
+    }
+    assert.equal(totpControls("confirm").secret, true, "the secret is shown while confirming");
+    assert.equal(totpControls("disable").secret, false, "the secret is never shown once on");
+    // Exactly one action button per step.
+    for (const step of ["begin", "confirm", "disable"] as const) {
+      const c = totpControls(step);
+      assert.equal([c.begin, c.confirm, c.disable].filter(Boolean).length, 1, step);
+    }
   });
 
   it("names and parses scopes", () => {
