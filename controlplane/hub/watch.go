@@ -2,6 +2,7 @@ package hub
 
 import (
 	"context"
+	"time"
 
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
@@ -16,12 +17,16 @@ type WatchOptions struct {
 type Watcher struct {
 	opts   WatchOptions
 	limit  int
+	flush  int // events that end the batching wait early
 	notify chan struct{}
+	timer  *time.Timer // Next's batching wait; used by Next only
 
 	// Guarded by the hub's mu: push runs under it and Next takes it to drain.
-	queue  []*fleetv1.FleetEvent
-	hbIdx  map[string]int // host id → index of its unsent heartbeat in queue
-	resync bool
+	queue []*fleetv1.FleetEvent
+	hbIdx map[string]int // host id → index of its unsent heartbeat in queue
+	// firstAt is when the queue last went from empty to not empty.
+	firstAt time.Time
+	resync  bool
 	// Resyncs counts how often this watcher fell behind.
 	Resyncs int
 }
@@ -62,9 +67,22 @@ func (w *Watcher) push(ev *fleetv1.FleetEvent) {
 		w.queue = nil
 		clear(w.hbIdx)
 		w.Resyncs++
-	} else {
-		w.queue = append(w.queue, ev)
+		w.wake()
+		return
 	}
+	if len(w.queue) == 0 {
+		w.firstAt = time.Now()
+		w.wake()
+	}
+	w.queue = append(w.queue, ev)
+	if len(w.queue) == w.flush {
+		w.wake()
+	}
+}
+
+// wake tells Next that there is something to look at: the first event of a
+// batch, a full batch, or a resync. Only these wake it, not every event.
+func (w *Watcher) wake() {
 	select {
 	case w.notify <- struct{}{}:
 	default:
@@ -89,7 +107,9 @@ func hostOf(ev *fleetv1.FleetEvent) string {
 // Subscribe registers a watcher and returns it with the snapshot it starts
 // from; events published after the snapshot are queued for it.
 func (h *Hub) Subscribe(opts WatchOptions) (*Watcher, *fleetv1.Snapshot) {
-	w := &Watcher{opts: opts, limit: h.cfg.QueueLimit, notify: make(chan struct{}, 1), hbIdx: map[string]int{}}
+	w := &Watcher{opts: opts, limit: h.cfg.QueueLimit, flush: h.cfg.FlushEvents, notify: make(chan struct{}, 1), hbIdx: map[string]int{},
+		timer: time.NewTimer(time.Hour)}
+	w.timer.Stop()
 	h.mu.Lock()
 	build := h.snapshotLocked(false)
 	h.watchers[w] = struct{}{}
@@ -102,6 +122,7 @@ func (h *Hub) Unsubscribe(w *Watcher) {
 	h.mu.Lock()
 	delete(h.watchers, w)
 	h.mu.Unlock()
+	w.timer.Stop()
 }
 
 // WatcherCount returns how many watchers are registered.
@@ -112,8 +133,12 @@ func (h *Hub) WatcherCount() int {
 }
 
 // Next waits for the watcher's next batch: queued events, or a resync
-// snapshot when it fell behind (as one Snapshot event). It returns ctx's
-// error when ctx ends first.
+// snapshot when it fell behind (as one Snapshot event). Once an event is
+// queued, Next waits up to [Config.FlushInterval] from that event's arrival
+// for more to join it, or until [Config.FlushEvents] are queued; events that
+// waited that long already (a watcher busy writing its previous batch) are
+// returned at once. When ctx ends, what is queued is returned without
+// waiting, then ctx's error.
 func (h *Hub) Next(ctx context.Context, w *Watcher) ([]*fleetv1.FleetEvent, error) {
 	for {
 		h.mu.Lock()
@@ -124,11 +149,22 @@ func (h *Hub) Next(ctx context.Context, w *Watcher) ([]*fleetv1.FleetEvent, erro
 			return []*fleetv1.FleetEvent{{Kind: &fleetv1.FleetEvent_Snapshot{Snapshot: build()}}}, nil
 		}
 		if len(w.queue) > 0 {
-			batch := w.queue
-			w.queue = make([]*fleetv1.FleetEvent, 0, min(len(batch), 256))
-			clear(w.hbIdx)
+			wait := h.cfg.FlushInterval - time.Since(w.firstAt)
+			if wait <= 0 || len(w.queue) >= w.flush || ctx.Err() != nil {
+				batch := w.queue
+				w.queue = make([]*fleetv1.FleetEvent, 0, min(len(batch), 256))
+				clear(w.hbIdx)
+				h.mu.Unlock()
+				return batch, nil
+			}
 			h.mu.Unlock()
-			return batch, nil
+			w.timer.Reset(wait)
+			select {
+			case <-ctx.Done():
+			case <-w.notify:
+			case <-w.timer.C:
+			}
+			continue
 		}
 		h.mu.Unlock()
 		select {
