@@ -56,3 +56,35 @@ func BenchmarkFanoutHeartbeats(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkStalledWatcher: heartbeats and reconnects of a 20,000-host fleet
+// while one watcher reads nothing; the cost of keeping its backlog, which
+// must not overflow into a resync.
+func BenchmarkStalledWatcher(b *testing.B) {
+	const hosts = 20000
+	ids := make([]string, hosts)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("host-%05d", i)
+	}
+	th := newTestHub(b, 0, ids...)
+	conns := make([]*Conn, hosts)
+	for i, id := range ids {
+		conns[i] = th.connect(b, id, 0).conn
+	}
+	w, _ := th.Subscribe(WatchOptions{})
+	m := hb(1)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		k := i % hosts
+		if i%10 == 9 {
+			th.Disconnect(conns[k], "stream closed")
+			conns[k] = th.connect(b, ids[k], 0).conn
+		}
+		th.Heartbeat(conns[k], m)
+		i++
+	}
+	if w.Resyncs != 0 {
+		b.Fatalf("the stalled watcher was resynced %d times", w.Resyncs)
+	}
+}

@@ -6,11 +6,15 @@
 // [fleetv1.FleetEvent] to the watchers, in order, under one lock, so a
 // watcher's snapshot plus the events after it is always the current state.
 //
-// A watcher never blocks the publisher: each has a bounded queue in which a
-// newer heartbeat for a host replaces an unsent older one; a watcher whose
-// queue overflows is marked for resync and gets a fresh snapshot instead of
-// the events it missed. Command output is stored before it is published, so a
-// resynced watcher can fetch what it missed.
+// A watcher never blocks the publisher: each has a queue in which a host's
+// newer state (heartbeat, status, offline) replaces its unsent older state,
+// so a stalled watcher holds a few events per host at most, and the other
+// events — commands and their output above all — keep their order up to
+// [Config.QueueLimit]. A watcher whose queue overflows anyway is marked for
+// resync and gets a fresh snapshot instead of the events it missed. Command
+// output is stored before it is published, so a resynced watcher can fetch
+// what it missed. A watcher's events are gathered for a moment
+// ([Config.FlushInterval]) so each stream write carries many of them.
 package hub
 
 import (
@@ -93,7 +97,11 @@ type Config struct {
 	Store store.Hosts
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
-	// QueueLimit bounds each watcher's queue (default 4096 events).
+	// QueueLimit bounds the events in each watcher's queue that are not a
+	// host's replaceable state (commands, output, hosts added or removed,
+	// target and PR changes): past it the watcher is resynced (default
+	// 4096). Heartbeats, status and offline events do not count: they are
+	// bounded by the number of hosts.
 	QueueLimit int
 	// FlushInterval is how long a watcher's first queued event may wait for
 	// more to join it in one batch, so a busy fleet costs each watcher tens

@@ -734,20 +734,32 @@ func TestCommandChangedTracksRunning(t *testing.T) {
 	if got := th.Snapshot().ActiveCommands; len(got) != 1 {
 		t.Fatalf("snapshot active commands = %v", got)
 	}
+	kindsOf := func(evs []*fleetv1.FleetEvent) string {
+		var kinds []string
+		for _, ev := range evs {
+			kinds = append(kinds, fmt.Sprintf("%T", ev.Kind))
+		}
+		return fmt.Sprint(kinds)
+	}
+	if got, want := kindsOf(drain(t, th.Hub, w)), "[*fleetv1.FleetEvent_CommandQueued *fleetv1.FleetEvent_HostStatusChanged]"; got != want {
+		t.Fatalf("events %v, want %v", got, want)
+	}
 	done := proto.Clone(c).(*fleetv1.Command)
 	done.State = typesv1.CommandState_COMMAND_STATE_SUCCEEDED
 	th.CommandChanged(done)
 	if th.Running("a") != nil || len(th.ActiveCommands()) != 0 {
 		t.Fatal("command still active after it ended")
 	}
-	evs := drain(t, th.Hub, w)
-	var kinds []string
-	for _, ev := range evs {
-		kinds = append(kinds, fmt.Sprintf("%T", ev.Kind))
+	if got, want := kindsOf(drain(t, th.Hub, w)), "[*fleetv1.FleetEvent_CommandComplete *fleetv1.FleetEvent_HostStatusChanged]"; got != want {
+		t.Fatalf("events %v, want %v", got, want)
 	}
-	want := []string{"*fleetv1.FleetEvent_CommandQueued", "*fleetv1.FleetEvent_HostStatusChanged", "*fleetv1.FleetEvent_CommandComplete", "*fleetv1.FleetEvent_HostStatusChanged"}
-	if fmt.Sprint(kinds) != fmt.Sprint(want) {
-		t.Fatalf("events %v, want %v", kinds, want)
+
+	// A watcher that did not read in between gets every command event in
+	// order, and the host's latest status once, after them.
+	th.CommandChanged(c)
+	th.CommandChanged(done)
+	if got, want := kindsOf(drain(t, th.Hub, w)), "[*fleetv1.FleetEvent_CommandQueued *fleetv1.FleetEvent_CommandComplete *fleetv1.FleetEvent_HostStatusChanged]"; got != want {
+		t.Fatalf("backlog %v, want %v", got, want)
 	}
 }
 

@@ -89,7 +89,7 @@ func TestNextReturnsQueuedWhenContextEnds(t *testing.T) {
 	waitFor(t, 10*time.Second, func() bool {
 		th.mu.Lock()
 		defer th.mu.Unlock()
-		return len(w.queue) == 2
+		return w.live == 2
 	}, "events to be queued")
 	cancel()
 	select {
