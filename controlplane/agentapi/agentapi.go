@@ -110,8 +110,10 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 	}
 	reason := "stream closed"
 	defer func() { s.Hub.Disconnect(conn, reason); s.Commands.HandleDisconnect(id.Name) }()
-	if err := s.Hosts.UpdateHostRecord(ctx, id.Name, commands.Durable(rec)); err != nil {
-		log.Warn("store host after hello", "err", err)
+	if conn.RecordChanged() {
+		if err := s.Hosts.UpdateHostRecord(ctx, id.Name, commands.Durable(rec)); err != nil {
+			log.Warn("store host after hello", "err", err)
+		}
 	}
 	if err := sender.Send(&agentv1.ConnectResponse{Msg: &agentv1.ConnectResponse_Welcome{Welcome: &agentv1.Welcome{
 		HostId: id.Name, ServerVersion: s.ServerVersion, HeartbeatInterval: durationpb.New(0)}}}); err != nil {

@@ -63,7 +63,15 @@ type Conn struct {
 	sender Sender
 	cancel context.CancelCauseFunc
 	seq    uint64
+	// changed: the hello changed a durable field of the host's record.
+	changed bool
 }
+
+// RecordChanged reports whether the session's hello changed a durable field
+// of the host's record (versions, generation, lock hash, repository,
+// location, …). When it did not, the stored record is current and a
+// reconnecting fleet costs no disk write per agent.
+func (c *Conn) RecordChanged() bool { return c.changed }
 
 // Send sends a message down the session's stream.
 func (c *Conn) Send(m *agentv1.ConnectResponse) error { return c.sender.Send(m) }
@@ -306,6 +314,8 @@ func (h *Hub) Connect(hostID string, hello *agentv1.Hello, sender Sender, cancel
 	}
 	rec := proto.Clone(lh.rec).(*fleetv1.Host)
 	applyHello(rec, hello, lh.rec)
+	// Before recompute, rec differs from the record only by the hello.
+	c.changed = !proto.Equal(lh.rec, rec)
 	lh.rec = rec
 	h.recompute(lh)
 	h.statusChanged(lh)
