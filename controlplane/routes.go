@@ -112,6 +112,10 @@ func (s *server) routes(gw http.Handler) http.Handler {
 	mux.HandleFunc("GET /{$}", s.dashboard)
 
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// The TLS state net/http cannot see under the port's split.
+		if r.TLS == nil {
+			r.TLS = connTLS(r.Context())
+		}
 		// Trusted request facts for the auth layer: drop what the client
 		// claims, set what we know.
 		for k := range r.Header {

@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/test/bufconn"
 
@@ -194,6 +195,7 @@ type server struct {
 	target   *target.Poller
 	prs      *github.Poller // nil unless GitHub is configured
 	metrics  *metrics
+	conns    *connMetrics
 	inmem    *bufconn.Listener
 	gwConn   *grpc.ClientConn
 	handler  http.Handler
@@ -225,9 +227,27 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 	s.authn = &auth.Authenticator{Stores: st, Policy: auth.DefaultPolicy(), AllowedOrigins: cfg.AllowedOrigins,
 		SessionIdle: cfg.SessionIdle, SessionMax: cfg.SessionMax, Log: cfg.Log, Codes: codes}
 
+	s.conns = newConnMetrics(s.metrics.reg)
 	s.grpc = grpc.NewServer(
 		grpc.WaitForHandlers(true),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
+		// Native connections (see transport.go): TLS is already
+		// terminated, and the tap sets the trusted request facts.
+		grpc.Creds(nativeCreds{}),
+		grpc.InTapHandle(s.nativeCallFacts),
+		// Agents ping every max(interval, 10s) even without a stream
+		// (agent/session.KeepaliveParams); answer, do not GOAWAY them.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+		// As for HTTP/2 on net/http: notice a half-open connection by a
+		// ping after 20s of silence, given 10s; close a connection without
+		// a stream after 5 minutes.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: 5 * time.Minute}),
+		grpc.MaxConcurrentStreams(250),
+		// Tens of thousands of mostly idle agent connections: a write
+		// buffer only while writing, a small read buffer.
+		grpc.SharedWriteBuffer(true),
+		grpc.ReadBufferSize(nativeReadBuffer),
+		grpc.WriteBufferSize(nativeWriteBuffer),
 		grpc.ChainUnaryInterceptor(recoverUnary(cfg.Log), s.metrics.unary, s.authn.UnaryInterceptor(), auditUnary(st, s.authn.Policy, cfg.Log)),
 		grpc.ChainStreamInterceptor(recoverStream(cfg.Log), s.metrics.stream, s.authn.StreamInterceptor()),
 	)
@@ -349,10 +369,14 @@ func (s *server) serve(ctx context.Context) error {
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetHTTP2(true)
+	// TLS is terminated before the port is split (transport.go), so to
+	// net/http every HTTP/2 connection is "unencrypted"; withConnTLS and
+	// the dispatcher restore Request.TLS.
 	protos.SetUnencryptedHTTP2(true)
 	hs := &http.Server{
 		Handler:           s.handler,
 		Protocols:         &protos,
+		ConnContext:       withConnTLS,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
@@ -366,20 +390,25 @@ func (s *server) serve(ctx context.Context) error {
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	tlsOn := cfg.TLSCert != "" || cfg.TLSKey != ""
+	var tlsCfg *tls.Config
 	if tlsOn {
 		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
 		if err != nil {
 			ln.Close()
 			return fmt.Errorf("load TLS certificate: %w", err)
 		}
-		hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
 		if s.agentCAs != nil {
 			// Ask every client, require none: browsers and API clients
 			// come without one; AgentService insists (auth.Authenticator).
-			hs.TLSConfig.ClientAuth = tls.VerifyClientCertIfGiven
-			hs.TLSConfig.ClientCAs = s.agentCAs
+			tlsCfg.ClientAuth = tls.VerifyClientCertIfGiven
+			tlsCfg.ClientCAs = s.agentCAs
 		}
 	}
+	// Native gRPC connections to grpc.Server.Serve, the rest to hs. Closing
+	// either listener closes the port: http.Server.Shutdown stops new
+	// connections of both kinds.
+	port := splitPort(ln, tlsCfg, s.conns, s.log)
 
 	// Bulk runs (a Merge & Deploy above all) that the previous process left
 	// running continue before anyone can start another.
@@ -388,18 +417,23 @@ func (s *server) serve(ctx context.Context) error {
 		return err
 	}
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return s.grpc.Serve(s.inmem) })
-	g.Go(func() error {
-		var err error
-		if tlsOn {
-			err = hs.ServeTLS(ln, "", "")
-		} else {
-			err = hs.Serve(ln)
-		}
-		if errors.Is(err, http.ErrServerClosed) {
+	// Once shutdown has closed the port, its listeners' errors are the
+	// expected end.
+	closedOnStop := func(err error) error {
+		if err != nil && gctx.Err() != nil && (portClosed(err) || errors.Is(err, http.ErrServerClosed)) {
 			return nil
 		}
 		return err
+	}
+	g.Go(func() error { return s.grpc.Serve(s.inmem) })
+	g.Go(func() error { return closedOnStop(port.serve()) })
+	g.Go(func() error { return closedOnStop(s.grpc.Serve(port.grpc)) })
+	g.Go(func() error {
+		err := hs.Serve(port.http)
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return closedOnStop(err)
 	})
 	g.Go(func() error { return s.hub.Run(gctx, cfg.LastSeenFlush) })
 	g.Go(func() error { return s.cmds.Loop(gctx) })
