@@ -481,6 +481,7 @@ func (s *server) shutdown(hs *http.Server) {
 	const (
 		agentsWait = 5 * time.Second  // for closed agent sessions to end
 		grpcWait   = 10 * time.Second // for grpc.Server.Stop
+		grpcGrace  = time.Second      // of that, for GracefulStop
 		httpWait   = 10 * time.Second // for the HTTP drain after that
 	)
 	s.log.Info("shutting down")
@@ -508,7 +509,7 @@ func (s *server) shutdown(hs *http.Server) {
 	agents.Stop()
 
 	stopped := make(chan struct{})
-	go func() { s.grpc.Stop(); close(stopped) }()
+	go func() { s.stopGRPC(grpcGrace); close(stopped) }()
 	grpcTimer := time.NewTimer(grpcWait)
 	defer grpcTimer.Stop()
 	select {
