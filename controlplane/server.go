@@ -244,10 +244,14 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: 5 * time.Minute}),
 		grpc.MaxConcurrentStreams(250),
 		// Tens of thousands of mostly idle agent connections: a write
-		// buffer only while writing, a small read buffer.
+		// buffer only while writing (docs/PERFORMANCE.md: smaller read and
+		// write buffers did not lower RSS).
 		grpc.SharedWriteBuffer(true),
-		grpc.ReadBufferSize(nativeReadBuffer),
-		grpc.WriteBufferSize(nativeWriteBuffer),
+		// Static flow-control windows (net/http's budget per connection):
+		// the dynamic window's bandwidth estimation sends a PING for
+		// nearly every heartbeat of an otherwise quiet connection.
+		grpc.StaticStreamWindowSize(nativeStreamWindow),
+		grpc.StaticConnWindowSize(nativeConnWindow),
 		grpc.ChainUnaryInterceptor(recoverUnary(cfg.Log), s.metrics.unary, s.authn.UnaryInterceptor(), auditUnary(st, s.authn.Policy, cfg.Log)),
 		grpc.ChainStreamInterceptor(recoverStream(cfg.Log), s.metrics.stream, s.authn.StreamInterceptor()),
 	)
@@ -485,6 +489,8 @@ func (s *server) shutdown(hs *http.Server) {
 		httpWait   = 10 * time.Second // for the HTTP drain after that
 	)
 	s.log.Info("shutting down")
+	began := time.Now()
+	var listenerAt, agentsAt, grpcAt time.Duration
 	s.health.Shutdown()
 
 	listenerClosed := make(chan struct{})
@@ -498,6 +504,7 @@ func (s *server) shutdown(hs *http.Server) {
 	case err := <-drained: // Shutdown returned before its hooks ran
 		drained <- err
 	}
+	listenerAt = time.Since(began)
 
 	s.hub.CloseAll()
 	agents := time.NewTimer(agentsWait)
@@ -507,6 +514,7 @@ func (s *server) shutdown(hs *http.Server) {
 		s.log.Warn("agent sessions still open after shutdown was announced", "waited", agentsWait)
 	}
 	agents.Stop()
+	agentsAt = time.Since(began)
 
 	stopped := make(chan struct{})
 	go func() { s.stopGRPC(grpcGrace); close(stopped) }()
@@ -518,6 +526,7 @@ func (s *server) shutdown(hs *http.Server) {
 		s.log.Warn("gRPC streams did not end in time; closing every connection", "waited", grpcWait)
 		_ = hs.Close()
 	}
+	grpcAt = time.Since(began)
 
 	httpTimer := time.NewTimer(httpWait)
 	defer httpTimer.Stop()
@@ -533,6 +542,8 @@ func (s *server) shutdown(hs *http.Server) {
 		_ = hs.Close()
 	}
 	_ = s.gwConn.Close()
+	s.log.Info("stopped serving", "listener_closed", listenerAt.Round(time.Millisecond), "agents_gone", agentsAt.Round(time.Millisecond),
+		"grpc_stopped", grpcAt.Round(time.Millisecond), "http_drained", time.Since(began).Round(time.Millisecond))
 }
 
 // prune deletes ended commands older than the retention, hourly.
