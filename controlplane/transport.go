@@ -454,10 +454,11 @@ func connTLS(ctx context.Context) *tls.ConnectionState {
 	return st
 }
 
-// Buffer sizes of the native transport, per connection.
+// Flow-control windows of the native transport: what a client may send
+// before the server has read it, per stream and per connection.
 const (
-	nativeReadBuffer  = 32 << 10
-	nativeWriteBuffer = 32 << 10
+	nativeStreamWindow = 256 << 10
+	nativeConnWindow   = 1 << 20
 )
 
 // stopGRPC stops the gRPC server. GracefulStop comes first: native
