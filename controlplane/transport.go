@@ -107,7 +107,8 @@ func splitPort(ln net.Listener, tlsCfg *tls.Config, m *connMetrics, log *slog.Lo
 // already written its first request when the server refuses its
 // certificate.
 func tlsHandshakeFailed(w io.Writer, log *slog.Logger) bool {
-	tc := tlsConn(w.(net.Conn))
+	c, _ := w.(net.Conn)
+	tc := tlsConn(c)
 	if tc == nil {
 		return false
 	}
@@ -117,12 +118,27 @@ func tlsHandshakeFailed(w io.Writer, log *slog.Logger) bool {
 	}
 	log.Debug("TLS handshake failed", "remote", tc.RemoteAddr().String(), "err", err)
 	raw := tc.NetConn()
+	// Plain HTTP to the TLS port gets a readable answer, as net/http gives.
+	var rh tls.RecordHeaderError
+	if errors.As(err, &rh) && rh.Conn != nil && looksLikeHTTP(rh.RecordHeader) {
+		_, _ = io.WriteString(raw, "HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+	}
 	if tcp, ok := raw.(*net.TCPConn); ok {
 		_ = tcp.CloseWrite()
 	}
 	_ = raw.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
 	_, _ = io.Copy(io.Discard, io.LimitReader(raw, 64<<10))
 	return true
+}
+
+// looksLikeHTTP reports whether the first bytes of a TLS record are
+// those of a plain HTTP/1 request.
+func looksLikeHTTP(hdr [5]byte) bool {
+	switch string(hdr[:]) {
+	case "GET /", "HEAD ", "POST ", "PUT /", "OPTIO":
+		return true
+	}
+	return false
 }
 
 // serve accepts and classifies connections until the port is closed.

@@ -340,3 +340,24 @@ func TestHTTP2ClientWaitingForSettings(t *testing.T) {
 		}
 	}
 }
+
+// TestPlainHTTPToTLSPort: a plain HTTP request to the TLS port is answered
+// in plain HTTP, saying what went wrong, and the port goes on serving.
+func TestPlainHTTPToTLSPort(t *testing.T) {
+	e := startMTLSServer(t)
+	resp, err := http.Get("http://" + e.addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "HTTP request to an HTTPS server") {
+		t.Fatalf("plain HTTP to the TLS port: %d %q", resp.StatusCode, body)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	web1 := e.ca.clientCert(t, "web-1", "web-1")
+	if err := connectAgent(ctx, e.conn(t, &web1), e.tokens["web-1"], "web-1"); err != nil {
+		t.Fatalf("agent after a plain HTTP request: %v", err)
+	}
+}
