@@ -672,6 +672,7 @@ func (m *Manager) HandleStatus(ctx context.Context, hostID string, st *agentv1.S
 func (m *Manager) judgeFreshness(ctx context.Context, hostID string, hello *agentv1.Hello, afterActivation, changeExpected bool) (status.Judgement, bool) {
 	var j status.Judgement
 	var before typesv1.AgentFreshness
+	changed := false
 	_, err := m.cfg.Hub.UpdateRecord(hostID, func(h *fleetv1.Host) {
 		prev := status.IdentityOf(h)
 		cur, version := prev, h.AgentVersion
@@ -682,13 +683,18 @@ func (m *Manager) judgeFreshness(ctx context.Context, hostID string, hello *agen
 		before = h.AgentFreshness
 		j = status.JudgeFreshness(status.FreshnessInputs{Prev: prev, Cur: cur, PrevFreshness: h.AgentFreshness,
 			AfterActivation: afterActivation, ChangeExpected: changeExpected, AgentVersion: version, ServerVersion: m.cfg.Hub.ServerVersion()})
+		changed = cur != prev || j.Freshness != h.AgentFreshness
 		cur.Set(h)
 		h.AgentFreshness = j.Freshness
 	})
 	if err != nil {
 		return j, false
 	}
-	m.persistHost(ctx, hostID)
+	if changed {
+		// A reconnect with the same binary writes nothing (a restart storm
+		// of a large fleet would otherwise write every host).
+		m.persistHost(ctx, hostID)
+	}
 	if afterActivation || j.Freshness != before {
 		m.log.Info("agent freshness", "host", hostID, "freshness", j.Freshness.String(), "after_activation", afterActivation, "reason", j.Message)
 	}

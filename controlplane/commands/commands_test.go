@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -52,6 +53,13 @@ func (c *fakeClock) Advance(d time.Duration) {
 type hookStore struct {
 	*store.SQLite
 	beforeAppend func(commandID string, lines []*typesv1.OutputLine)
+	// recordWrites counts host-record writes.
+	recordWrites atomic.Int64
+}
+
+func (s *hookStore) UpdateHostRecord(ctx context.Context, id string, rec *fleetv1.Host) error {
+	s.recordWrites.Add(1)
+	return s.SQLite.UpdateHostRecord(ctx, id, rec)
 }
 
 func (s *hookStore) AppendLines(ctx context.Context, id string, lines []*typesv1.OutputLine) error {
@@ -1377,4 +1385,27 @@ func TestFastResultIsNotOverwrittenByRunning(t *testing.T) {
 	}
 	e.m.HandleStatus(e.ctx, "web-1", &agentv1.StatusReport{System: &typesv1.SystemCheck{Status: typesv1.CompartmentStatus_COMPARTMENT_STATUS_OK}})
 	e.ended(c.CommandId, typesv1.CommandState_COMMAND_STATE_SUCCEEDED)
+}
+
+// TestSameAgentReconnectingWritesNothing: an agent that reconnects with the
+// same binary (a restart storm) costs no host-record write; a new binary is
+// recorded.
+func TestSameAgentReconnectingWritesNothing(t *testing.T) {
+	e := newEnv(t, "web-1")
+	hello := e.helloAs("web-1", "1.0.0", oldAgent)
+	a := e.connect("web-1", hello)
+	e.disconnect(a)
+	before := e.st.recordWrites.Load()
+	a = e.connect("web-1", hello)
+	if n := e.st.recordWrites.Load() - before; n != 0 {
+		t.Fatalf("a reconnect with the same binary wrote the host record %d times", n)
+	}
+	e.disconnect(a)
+	e.connect("web-1", e.helloAs("web-1", "1.0.0", newAgent))
+	if e.st.recordWrites.Load() == before {
+		t.Fatal("a new agent binary was not recorded")
+	}
+	if h, _ := e.hub.Host("web-1"); h.AgentBinaryHash != newAgent.hash {
+		t.Fatalf("recorded binary hash %q, want %q", h.AgentBinaryHash, newAgent.hash)
+	}
 }

@@ -417,6 +417,10 @@ func (h *Hub) UpdateRecord(hostID string, fn func(*fleetv1.Host)) (*fleetv1.Host
 	}
 	rec := proto.Clone(lh.rec).(*fleetv1.Host)
 	fn(rec)
+	if proto.Equal(rec, lh.rec) {
+		// Nothing changed: no recompute, no event for every watcher.
+		return lh.rec, nil
+	}
 	lh.rec = rec
 	h.recompute(lh)
 	h.statusChanged(lh)

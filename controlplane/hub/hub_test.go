@@ -926,3 +926,25 @@ func TestPullRequestHealth(t *testing.T) {
 		t.Fatalf("snapshot PR health = %q %v", snap.PullRequestsError, snap.PullRequestsCheckedAt)
 	}
 }
+
+// TestUnchangedRecordPublishesNothing: an update that changes nothing sends
+// no status event; the next real change does.
+func TestUnchangedRecordPublishesNothing(t *testing.T) {
+	th := newTestHub(t, 0, "a")
+	w, _ := th.Subscribe(WatchOptions{})
+	if _, err := th.UpdateRecord("a", func(h *fleetv1.Host) {}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := th.UpdateRecord("a", func(h *fleetv1.Host) { h.Location = "office" }); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	b, err := th.Next(ctx, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) != 1 || b[0].GetHostStatusChanged().GetHost().GetLocation() != "office" {
+		t.Fatalf("events after a no-op and a real change = %v, want only the change", b)
+	}
+}
