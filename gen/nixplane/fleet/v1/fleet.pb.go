@@ -798,8 +798,10 @@ type Snapshot struct {
 	PullRequestsError string `protobuf:"bytes,8,opt,name=pull_requests_error,json=pullRequestsError,proto3" json:"pull_requests_error,omitempty"`
 	// When pull requests were last looked for successfully.
 	PullRequestsCheckedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=pull_requests_checked_at,json=pullRequestsCheckedAt,proto3" json:"pull_requests_checked_at,omitempty"`
-	unknownFields         protoimpl.UnknownFields
-	sizeCache             protoimpl.SizeCache
+	// Bulk runs (and merge-and-deploys) not yet ended.
+	ActiveBulks   []*BulkCommand `protobuf:"bytes,10,rep,name=active_bulks,json=activeBulks,proto3" json:"active_bulks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
@@ -891,6 +893,13 @@ func (x *Snapshot) GetPullRequestsError() string {
 func (x *Snapshot) GetPullRequestsCheckedAt() *timestamppb.Timestamp {
 	if x != nil {
 		return x.PullRequestsCheckedAt
+	}
+	return nil
+}
+
+func (x *Snapshot) GetActiveBulks() []*BulkCommand {
+	if x != nil {
+		return x.ActiveBulks
 	}
 	return nil
 }
@@ -3904,7 +3913,7 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\x03url\x18\x03 \x01(\tR\x03url\x129\n" +
 	"\n" +
 	"updated_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1c\n" +
-	"\tmergeable\x18\x05 \x01(\bR\tmergeable\"\xf1\x03\n" +
+	"\tmergeable\x18\x05 \x01(\bR\tmergeable\"\xb4\x04\n" +
 	"\bSnapshot\x12-\n" +
 	"\x05hosts\x18\x01 \x03(\v2\x17.nixplane.fleet.v1.HostR\x05hosts\x126\n" +
 	"\x06target\x18\x02 \x01(\v2\x1e.nixplane.fleet.v1.FleetTargetR\x06target\x12;\n" +
@@ -3915,7 +3924,9 @@ const file_nixplane_fleet_v1_fleet_proto_rawDesc = "" +
 	"\x0factive_commands\x18\x06 \x03(\v2\x1a.nixplane.fleet.v1.CommandR\x0eactiveCommands\x128\n" +
 	"\x18pull_requests_configured\x18\a \x01(\bR\x16pullRequestsConfigured\x12.\n" +
 	"\x13pull_requests_error\x18\b \x01(\tR\x11pullRequestsError\x12S\n" +
-	"\x18pull_requests_checked_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x15pullRequestsCheckedAt\"\xfa\x01\n" +
+	"\x18pull_requests_checked_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x15pullRequestsCheckedAt\x12A\n" +
+	"\factive_bulks\x18\n" +
+	" \x03(\v2\x1e.nixplane.fleet.v1.BulkCommandR\vactiveBulks\"\xfa\x01\n" +
 	"\rHostHeartbeat\x12\x17\n" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x127\n" +
 	"\tlast_seen\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\x124\n" +
@@ -4249,99 +4260,100 @@ var file_nixplane_fleet_v1_fleet_proto_depIdxs = []int32{
 	5,  // 18: nixplane.fleet.v1.Snapshot.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
 	3,  // 19: nixplane.fleet.v1.Snapshot.active_commands:type_name -> nixplane.fleet.v1.Command
 	57, // 20: nixplane.fleet.v1.Snapshot.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
-	57, // 21: nixplane.fleet.v1.HostHeartbeat.last_seen:type_name -> google.protobuf.Timestamp
-	58, // 22: nixplane.fleet.v1.HostHeartbeat.metrics:type_name -> nixplane.types.v1.Metrics
-	57, // 23: nixplane.fleet.v1.HostHeartbeat.sent_at:type_name -> google.protobuf.Timestamp
-	57, // 24: nixplane.fleet.v1.HostOffline.last_seen:type_name -> google.protobuf.Timestamp
-	2,  // 25: nixplane.fleet.v1.HostRegistered.host:type_name -> nixplane.fleet.v1.Host
-	2,  // 26: nixplane.fleet.v1.HostStatusChanged.host:type_name -> nixplane.fleet.v1.Host
-	3,  // 27: nixplane.fleet.v1.CommandQueued.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 28: nixplane.fleet.v1.CommandUpdated.command:type_name -> nixplane.fleet.v1.Command
-	64, // 29: nixplane.fleet.v1.CommandOutput.lines:type_name -> nixplane.types.v1.OutputLine
-	3,  // 30: nixplane.fleet.v1.CommandComplete.command:type_name -> nixplane.fleet.v1.Command
-	5,  // 31: nixplane.fleet.v1.PendingPRChanged.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
-	57, // 32: nixplane.fleet.v1.PendingPRChanged.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
-	4,  // 33: nixplane.fleet.v1.TargetChanged.target:type_name -> nixplane.fleet.v1.FleetTarget
-	47, // 34: nixplane.fleet.v1.BulkProgress.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	6,  // 35: nixplane.fleet.v1.FleetEvent.snapshot:type_name -> nixplane.fleet.v1.Snapshot
-	7,  // 36: nixplane.fleet.v1.FleetEvent.host_heartbeat:type_name -> nixplane.fleet.v1.HostHeartbeat
-	8,  // 37: nixplane.fleet.v1.FleetEvent.host_offline:type_name -> nixplane.fleet.v1.HostOffline
-	9,  // 38: nixplane.fleet.v1.FleetEvent.host_registered:type_name -> nixplane.fleet.v1.HostRegistered
-	10, // 39: nixplane.fleet.v1.FleetEvent.host_removed:type_name -> nixplane.fleet.v1.HostRemoved
-	11, // 40: nixplane.fleet.v1.FleetEvent.host_status_changed:type_name -> nixplane.fleet.v1.HostStatusChanged
-	12, // 41: nixplane.fleet.v1.FleetEvent.command_queued:type_name -> nixplane.fleet.v1.CommandQueued
-	13, // 42: nixplane.fleet.v1.FleetEvent.command_updated:type_name -> nixplane.fleet.v1.CommandUpdated
-	14, // 43: nixplane.fleet.v1.FleetEvent.command_output:type_name -> nixplane.fleet.v1.CommandOutput
-	15, // 44: nixplane.fleet.v1.FleetEvent.command_complete:type_name -> nixplane.fleet.v1.CommandComplete
-	16, // 45: nixplane.fleet.v1.FleetEvent.pending_pr_changed:type_name -> nixplane.fleet.v1.PendingPRChanged
-	17, // 46: nixplane.fleet.v1.FleetEvent.target_changed:type_name -> nixplane.fleet.v1.TargetChanged
-	18, // 47: nixplane.fleet.v1.FleetEvent.bulk_progress:type_name -> nixplane.fleet.v1.BulkProgress
-	2,  // 48: nixplane.fleet.v1.ListHostsResponse.hosts:type_name -> nixplane.fleet.v1.Host
-	2,  // 49: nixplane.fleet.v1.GetHostResponse.host:type_name -> nixplane.fleet.v1.Host
-	19, // 50: nixplane.fleet.v1.WatchFleetResponse.events:type_name -> nixplane.fleet.v1.FleetEvent
-	61, // 51: nixplane.fleet.v1.RefreshHostResponse.update_status:type_name -> nixplane.types.v1.UpdateStatus
-	5,  // 52: nixplane.fleet.v1.RefreshHostResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
-	2,  // 53: nixplane.fleet.v1.RefreshHostResponse.host:type_name -> nixplane.fleet.v1.Host
-	3,  // 54: nixplane.fleet.v1.RunCommandResponse.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 55: nixplane.fleet.v1.StopCommandResponse.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 56: nixplane.fleet.v1.GetCommandResponse.command:type_name -> nixplane.fleet.v1.Command
-	3,  // 57: nixplane.fleet.v1.ListCommandsResponse.commands:type_name -> nixplane.fleet.v1.Command
-	3,  // 58: nixplane.fleet.v1.GetCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
-	64, // 59: nixplane.fleet.v1.GetCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
-	64, // 60: nixplane.fleet.v1.FollowCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
-	3,  // 61: nixplane.fleet.v1.FollowCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
-	56, // 62: nixplane.fleet.v1.AddHostRequest.host_type:type_name -> nixplane.types.v1.HostType
-	2,  // 63: nixplane.fleet.v1.AddHostResponse.host:type_name -> nixplane.fleet.v1.Host
-	3,  // 64: nixplane.fleet.v1.BulkHostResult.command:type_name -> nixplane.fleet.v1.Command
-	1,  // 65: nixplane.fleet.v1.BulkCommand.state:type_name -> nixplane.fleet.v1.BulkState
-	46, // 66: nixplane.fleet.v1.BulkCommand.results:type_name -> nixplane.fleet.v1.BulkHostResult
-	57, // 67: nixplane.fleet.v1.BulkCommand.created_at:type_name -> google.protobuf.Timestamp
-	57, // 68: nixplane.fleet.v1.BulkCommand.finished_at:type_name -> google.protobuf.Timestamp
-	47, // 69: nixplane.fleet.v1.RunBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	47, // 70: nixplane.fleet.v1.GetBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	4,  // 71: nixplane.fleet.v1.GetFleetTargetResponse.target:type_name -> nixplane.fleet.v1.FleetTarget
-	5,  // 72: nixplane.fleet.v1.GetFleetTargetResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
-	57, // 73: nixplane.fleet.v1.GetFleetTargetResponse.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
-	47, // 74: nixplane.fleet.v1.MergeAndDeployResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
-	20, // 75: nixplane.fleet.v1.FleetService.ListHosts:input_type -> nixplane.fleet.v1.ListHostsRequest
-	22, // 76: nixplane.fleet.v1.FleetService.GetHost:input_type -> nixplane.fleet.v1.GetHostRequest
-	24, // 77: nixplane.fleet.v1.FleetService.WatchFleet:input_type -> nixplane.fleet.v1.WatchFleetRequest
-	26, // 78: nixplane.fleet.v1.FleetService.RefreshHost:input_type -> nixplane.fleet.v1.RefreshHostRequest
-	28, // 79: nixplane.fleet.v1.FleetService.RunCommand:input_type -> nixplane.fleet.v1.RunCommandRequest
-	30, // 80: nixplane.fleet.v1.FleetService.StopCommand:input_type -> nixplane.fleet.v1.StopCommandRequest
-	32, // 81: nixplane.fleet.v1.FleetService.GetCommand:input_type -> nixplane.fleet.v1.GetCommandRequest
-	34, // 82: nixplane.fleet.v1.FleetService.ListCommands:input_type -> nixplane.fleet.v1.ListCommandsRequest
-	36, // 83: nixplane.fleet.v1.FleetService.GetCommandLog:input_type -> nixplane.fleet.v1.GetCommandLogRequest
-	38, // 84: nixplane.fleet.v1.FleetService.FollowCommandLog:input_type -> nixplane.fleet.v1.FollowCommandLogRequest
-	40, // 85: nixplane.fleet.v1.FleetService.AddHost:input_type -> nixplane.fleet.v1.AddHostRequest
-	42, // 86: nixplane.fleet.v1.FleetService.RemoveHost:input_type -> nixplane.fleet.v1.RemoveHostRequest
-	44, // 87: nixplane.fleet.v1.FleetService.RotateHostToken:input_type -> nixplane.fleet.v1.RotateHostTokenRequest
-	48, // 88: nixplane.fleet.v1.FleetService.RunBulkCommand:input_type -> nixplane.fleet.v1.RunBulkCommandRequest
-	50, // 89: nixplane.fleet.v1.FleetService.GetBulkCommand:input_type -> nixplane.fleet.v1.GetBulkCommandRequest
-	52, // 90: nixplane.fleet.v1.FleetService.GetFleetTarget:input_type -> nixplane.fleet.v1.GetFleetTargetRequest
-	54, // 91: nixplane.fleet.v1.FleetService.MergeAndDeploy:input_type -> nixplane.fleet.v1.MergeAndDeployRequest
-	21, // 92: nixplane.fleet.v1.FleetService.ListHosts:output_type -> nixplane.fleet.v1.ListHostsResponse
-	23, // 93: nixplane.fleet.v1.FleetService.GetHost:output_type -> nixplane.fleet.v1.GetHostResponse
-	25, // 94: nixplane.fleet.v1.FleetService.WatchFleet:output_type -> nixplane.fleet.v1.WatchFleetResponse
-	27, // 95: nixplane.fleet.v1.FleetService.RefreshHost:output_type -> nixplane.fleet.v1.RefreshHostResponse
-	29, // 96: nixplane.fleet.v1.FleetService.RunCommand:output_type -> nixplane.fleet.v1.RunCommandResponse
-	31, // 97: nixplane.fleet.v1.FleetService.StopCommand:output_type -> nixplane.fleet.v1.StopCommandResponse
-	33, // 98: nixplane.fleet.v1.FleetService.GetCommand:output_type -> nixplane.fleet.v1.GetCommandResponse
-	35, // 99: nixplane.fleet.v1.FleetService.ListCommands:output_type -> nixplane.fleet.v1.ListCommandsResponse
-	37, // 100: nixplane.fleet.v1.FleetService.GetCommandLog:output_type -> nixplane.fleet.v1.GetCommandLogResponse
-	39, // 101: nixplane.fleet.v1.FleetService.FollowCommandLog:output_type -> nixplane.fleet.v1.FollowCommandLogResponse
-	41, // 102: nixplane.fleet.v1.FleetService.AddHost:output_type -> nixplane.fleet.v1.AddHostResponse
-	43, // 103: nixplane.fleet.v1.FleetService.RemoveHost:output_type -> nixplane.fleet.v1.RemoveHostResponse
-	45, // 104: nixplane.fleet.v1.FleetService.RotateHostToken:output_type -> nixplane.fleet.v1.RotateHostTokenResponse
-	49, // 105: nixplane.fleet.v1.FleetService.RunBulkCommand:output_type -> nixplane.fleet.v1.RunBulkCommandResponse
-	51, // 106: nixplane.fleet.v1.FleetService.GetBulkCommand:output_type -> nixplane.fleet.v1.GetBulkCommandResponse
-	53, // 107: nixplane.fleet.v1.FleetService.GetFleetTarget:output_type -> nixplane.fleet.v1.GetFleetTargetResponse
-	55, // 108: nixplane.fleet.v1.FleetService.MergeAndDeploy:output_type -> nixplane.fleet.v1.MergeAndDeployResponse
-	92, // [92:109] is the sub-list for method output_type
-	75, // [75:92] is the sub-list for method input_type
-	75, // [75:75] is the sub-list for extension type_name
-	75, // [75:75] is the sub-list for extension extendee
-	0,  // [0:75] is the sub-list for field type_name
+	47, // 21: nixplane.fleet.v1.Snapshot.active_bulks:type_name -> nixplane.fleet.v1.BulkCommand
+	57, // 22: nixplane.fleet.v1.HostHeartbeat.last_seen:type_name -> google.protobuf.Timestamp
+	58, // 23: nixplane.fleet.v1.HostHeartbeat.metrics:type_name -> nixplane.types.v1.Metrics
+	57, // 24: nixplane.fleet.v1.HostHeartbeat.sent_at:type_name -> google.protobuf.Timestamp
+	57, // 25: nixplane.fleet.v1.HostOffline.last_seen:type_name -> google.protobuf.Timestamp
+	2,  // 26: nixplane.fleet.v1.HostRegistered.host:type_name -> nixplane.fleet.v1.Host
+	2,  // 27: nixplane.fleet.v1.HostStatusChanged.host:type_name -> nixplane.fleet.v1.Host
+	3,  // 28: nixplane.fleet.v1.CommandQueued.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 29: nixplane.fleet.v1.CommandUpdated.command:type_name -> nixplane.fleet.v1.Command
+	64, // 30: nixplane.fleet.v1.CommandOutput.lines:type_name -> nixplane.types.v1.OutputLine
+	3,  // 31: nixplane.fleet.v1.CommandComplete.command:type_name -> nixplane.fleet.v1.Command
+	5,  // 32: nixplane.fleet.v1.PendingPRChanged.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
+	57, // 33: nixplane.fleet.v1.PendingPRChanged.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
+	4,  // 34: nixplane.fleet.v1.TargetChanged.target:type_name -> nixplane.fleet.v1.FleetTarget
+	47, // 35: nixplane.fleet.v1.BulkProgress.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	6,  // 36: nixplane.fleet.v1.FleetEvent.snapshot:type_name -> nixplane.fleet.v1.Snapshot
+	7,  // 37: nixplane.fleet.v1.FleetEvent.host_heartbeat:type_name -> nixplane.fleet.v1.HostHeartbeat
+	8,  // 38: nixplane.fleet.v1.FleetEvent.host_offline:type_name -> nixplane.fleet.v1.HostOffline
+	9,  // 39: nixplane.fleet.v1.FleetEvent.host_registered:type_name -> nixplane.fleet.v1.HostRegistered
+	10, // 40: nixplane.fleet.v1.FleetEvent.host_removed:type_name -> nixplane.fleet.v1.HostRemoved
+	11, // 41: nixplane.fleet.v1.FleetEvent.host_status_changed:type_name -> nixplane.fleet.v1.HostStatusChanged
+	12, // 42: nixplane.fleet.v1.FleetEvent.command_queued:type_name -> nixplane.fleet.v1.CommandQueued
+	13, // 43: nixplane.fleet.v1.FleetEvent.command_updated:type_name -> nixplane.fleet.v1.CommandUpdated
+	14, // 44: nixplane.fleet.v1.FleetEvent.command_output:type_name -> nixplane.fleet.v1.CommandOutput
+	15, // 45: nixplane.fleet.v1.FleetEvent.command_complete:type_name -> nixplane.fleet.v1.CommandComplete
+	16, // 46: nixplane.fleet.v1.FleetEvent.pending_pr_changed:type_name -> nixplane.fleet.v1.PendingPRChanged
+	17, // 47: nixplane.fleet.v1.FleetEvent.target_changed:type_name -> nixplane.fleet.v1.TargetChanged
+	18, // 48: nixplane.fleet.v1.FleetEvent.bulk_progress:type_name -> nixplane.fleet.v1.BulkProgress
+	2,  // 49: nixplane.fleet.v1.ListHostsResponse.hosts:type_name -> nixplane.fleet.v1.Host
+	2,  // 50: nixplane.fleet.v1.GetHostResponse.host:type_name -> nixplane.fleet.v1.Host
+	19, // 51: nixplane.fleet.v1.WatchFleetResponse.events:type_name -> nixplane.fleet.v1.FleetEvent
+	61, // 52: nixplane.fleet.v1.RefreshHostResponse.update_status:type_name -> nixplane.types.v1.UpdateStatus
+	5,  // 53: nixplane.fleet.v1.RefreshHostResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
+	2,  // 54: nixplane.fleet.v1.RefreshHostResponse.host:type_name -> nixplane.fleet.v1.Host
+	3,  // 55: nixplane.fleet.v1.RunCommandResponse.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 56: nixplane.fleet.v1.StopCommandResponse.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 57: nixplane.fleet.v1.GetCommandResponse.command:type_name -> nixplane.fleet.v1.Command
+	3,  // 58: nixplane.fleet.v1.ListCommandsResponse.commands:type_name -> nixplane.fleet.v1.Command
+	3,  // 59: nixplane.fleet.v1.GetCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
+	64, // 60: nixplane.fleet.v1.GetCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
+	64, // 61: nixplane.fleet.v1.FollowCommandLogResponse.lines:type_name -> nixplane.types.v1.OutputLine
+	3,  // 62: nixplane.fleet.v1.FollowCommandLogResponse.command:type_name -> nixplane.fleet.v1.Command
+	56, // 63: nixplane.fleet.v1.AddHostRequest.host_type:type_name -> nixplane.types.v1.HostType
+	2,  // 64: nixplane.fleet.v1.AddHostResponse.host:type_name -> nixplane.fleet.v1.Host
+	3,  // 65: nixplane.fleet.v1.BulkHostResult.command:type_name -> nixplane.fleet.v1.Command
+	1,  // 66: nixplane.fleet.v1.BulkCommand.state:type_name -> nixplane.fleet.v1.BulkState
+	46, // 67: nixplane.fleet.v1.BulkCommand.results:type_name -> nixplane.fleet.v1.BulkHostResult
+	57, // 68: nixplane.fleet.v1.BulkCommand.created_at:type_name -> google.protobuf.Timestamp
+	57, // 69: nixplane.fleet.v1.BulkCommand.finished_at:type_name -> google.protobuf.Timestamp
+	47, // 70: nixplane.fleet.v1.RunBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	47, // 71: nixplane.fleet.v1.GetBulkCommandResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	4,  // 72: nixplane.fleet.v1.GetFleetTargetResponse.target:type_name -> nixplane.fleet.v1.FleetTarget
+	5,  // 73: nixplane.fleet.v1.GetFleetTargetResponse.pending_pr:type_name -> nixplane.fleet.v1.PendingPR
+	57, // 74: nixplane.fleet.v1.GetFleetTargetResponse.pull_requests_checked_at:type_name -> google.protobuf.Timestamp
+	47, // 75: nixplane.fleet.v1.MergeAndDeployResponse.bulk:type_name -> nixplane.fleet.v1.BulkCommand
+	20, // 76: nixplane.fleet.v1.FleetService.ListHosts:input_type -> nixplane.fleet.v1.ListHostsRequest
+	22, // 77: nixplane.fleet.v1.FleetService.GetHost:input_type -> nixplane.fleet.v1.GetHostRequest
+	24, // 78: nixplane.fleet.v1.FleetService.WatchFleet:input_type -> nixplane.fleet.v1.WatchFleetRequest
+	26, // 79: nixplane.fleet.v1.FleetService.RefreshHost:input_type -> nixplane.fleet.v1.RefreshHostRequest
+	28, // 80: nixplane.fleet.v1.FleetService.RunCommand:input_type -> nixplane.fleet.v1.RunCommandRequest
+	30, // 81: nixplane.fleet.v1.FleetService.StopCommand:input_type -> nixplane.fleet.v1.StopCommandRequest
+	32, // 82: nixplane.fleet.v1.FleetService.GetCommand:input_type -> nixplane.fleet.v1.GetCommandRequest
+	34, // 83: nixplane.fleet.v1.FleetService.ListCommands:input_type -> nixplane.fleet.v1.ListCommandsRequest
+	36, // 84: nixplane.fleet.v1.FleetService.GetCommandLog:input_type -> nixplane.fleet.v1.GetCommandLogRequest
+	38, // 85: nixplane.fleet.v1.FleetService.FollowCommandLog:input_type -> nixplane.fleet.v1.FollowCommandLogRequest
+	40, // 86: nixplane.fleet.v1.FleetService.AddHost:input_type -> nixplane.fleet.v1.AddHostRequest
+	42, // 87: nixplane.fleet.v1.FleetService.RemoveHost:input_type -> nixplane.fleet.v1.RemoveHostRequest
+	44, // 88: nixplane.fleet.v1.FleetService.RotateHostToken:input_type -> nixplane.fleet.v1.RotateHostTokenRequest
+	48, // 89: nixplane.fleet.v1.FleetService.RunBulkCommand:input_type -> nixplane.fleet.v1.RunBulkCommandRequest
+	50, // 90: nixplane.fleet.v1.FleetService.GetBulkCommand:input_type -> nixplane.fleet.v1.GetBulkCommandRequest
+	52, // 91: nixplane.fleet.v1.FleetService.GetFleetTarget:input_type -> nixplane.fleet.v1.GetFleetTargetRequest
+	54, // 92: nixplane.fleet.v1.FleetService.MergeAndDeploy:input_type -> nixplane.fleet.v1.MergeAndDeployRequest
+	21, // 93: nixplane.fleet.v1.FleetService.ListHosts:output_type -> nixplane.fleet.v1.ListHostsResponse
+	23, // 94: nixplane.fleet.v1.FleetService.GetHost:output_type -> nixplane.fleet.v1.GetHostResponse
+	25, // 95: nixplane.fleet.v1.FleetService.WatchFleet:output_type -> nixplane.fleet.v1.WatchFleetResponse
+	27, // 96: nixplane.fleet.v1.FleetService.RefreshHost:output_type -> nixplane.fleet.v1.RefreshHostResponse
+	29, // 97: nixplane.fleet.v1.FleetService.RunCommand:output_type -> nixplane.fleet.v1.RunCommandResponse
+	31, // 98: nixplane.fleet.v1.FleetService.StopCommand:output_type -> nixplane.fleet.v1.StopCommandResponse
+	33, // 99: nixplane.fleet.v1.FleetService.GetCommand:output_type -> nixplane.fleet.v1.GetCommandResponse
+	35, // 100: nixplane.fleet.v1.FleetService.ListCommands:output_type -> nixplane.fleet.v1.ListCommandsResponse
+	37, // 101: nixplane.fleet.v1.FleetService.GetCommandLog:output_type -> nixplane.fleet.v1.GetCommandLogResponse
+	39, // 102: nixplane.fleet.v1.FleetService.FollowCommandLog:output_type -> nixplane.fleet.v1.FollowCommandLogResponse
+	41, // 103: nixplane.fleet.v1.FleetService.AddHost:output_type -> nixplane.fleet.v1.AddHostResponse
+	43, // 104: nixplane.fleet.v1.FleetService.RemoveHost:output_type -> nixplane.fleet.v1.RemoveHostResponse
+	45, // 105: nixplane.fleet.v1.FleetService.RotateHostToken:output_type -> nixplane.fleet.v1.RotateHostTokenResponse
+	49, // 106: nixplane.fleet.v1.FleetService.RunBulkCommand:output_type -> nixplane.fleet.v1.RunBulkCommandResponse
+	51, // 107: nixplane.fleet.v1.FleetService.GetBulkCommand:output_type -> nixplane.fleet.v1.GetBulkCommandResponse
+	53, // 108: nixplane.fleet.v1.FleetService.GetFleetTarget:output_type -> nixplane.fleet.v1.GetFleetTargetResponse
+	55, // 109: nixplane.fleet.v1.FleetService.MergeAndDeploy:output_type -> nixplane.fleet.v1.MergeAndDeployResponse
+	93, // [93:110] is the sub-list for method output_type
+	76, // [76:93] is the sub-list for method input_type
+	76, // [76:76] is the sub-list for extension type_name
+	76, // [76:76] is the sub-list for extension extendee
+	0,  // [0:76] is the sub-list for field type_name
 }
 
 func init() { file_nixplane_fleet_v1_fleet_proto_init() }
