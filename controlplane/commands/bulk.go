@@ -36,6 +36,10 @@ type bulkRun struct {
 	// saveMu orders writes to the store: each write takes the latest state
 	// under it, so the last write is never an older state.
 	saveMu sync.Mutex
+	// pubMu orders BulkProgress events the same way: hosts progress
+	// concurrently, and an older state published after a newer one would
+	// leave watchers, and the hub's snapshots, behind.
+	pubMu sync.Mutex
 }
 
 func (b *bulkRun) snapshot() *fleetv1.BulkCommand {
@@ -155,7 +159,11 @@ func (m *Manager) addBulkLocked(b *bulkRun) {
 	m.bulks[b.bulk.BulkId] = b
 }
 
+// publishBulk publishes the run's latest state. The hub keeps the states
+// of running runs for snapshots.
 func (m *Manager) publishBulk(b *bulkRun) {
+	b.pubMu.Lock()
+	defer b.pubMu.Unlock()
 	m.cfg.Hub.Publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_BulkProgress{BulkProgress: &fleetv1.BulkProgress{Bulk: b.snapshot()}}})
 }
 

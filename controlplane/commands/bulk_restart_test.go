@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/nixplane/nixplane/controlplane/store"
@@ -107,6 +108,16 @@ func (e *env) deployAgent(id string, hello *agentv1.Hello, result func(*agentv1.
 	return a
 }
 
+// activeBulk returns the run with id among a snapshot's active bulk runs, or nil.
+func activeBulk(s *fleetv1.Snapshot, id string) *fleetv1.BulkCommand {
+	for _, b := range s.ActiveBulks {
+		if b.BulkId == id {
+			return b
+		}
+	}
+	return nil
+}
+
 func resultsByHost(b *fleetv1.BulkCommand) map[string]*fleetv1.BulkHostResult {
 	out := map[string]*fleetv1.BulkHostResult{}
 	for _, r := range b.Results {
@@ -185,12 +196,19 @@ func TestBulkContinuesAfterRestart(t *testing.T) {
 			rs["b"].GetCommand().GetState() == typesv1.CommandState_COMMAND_STATE_RUNNING
 	})
 	bCmd := resultsByHost(e1.bulkNow(b.BulkId))["b"].Command.CommandId
+	// A page opened now sees the run in the snapshot, as it progressed.
+	waitUntil(t, "the snapshot to carry the run's latest progress", func() bool {
+		return activeBulk(e1.hub.Snapshot(), b.BulkId) != nil && proto.Equal(activeBulk(e1.hub.Snapshot(), b.BulkId), e1.bulkNow(b.BulkId))
+	})
 
 	// The server stops: in memory the run ends and says it will continue;
 	// the store keeps it running, with each host's progress.
 	stop1()
 	if got := e1.waitBulk(b.BulkId); got.State != fleetv1.BulkState_BULK_STATE_FAILED || !strings.Contains(got.Message, "continues when the server starts again") {
 		t.Fatalf("bulk in the stopped process = %v", got)
+	}
+	if activeBulk(e1.hub.Snapshot(), b.BulkId) != nil {
+		t.Fatal("the stopped process's snapshot still lists the run")
 	}
 	stored := e1.storedBulk(b.BulkId)
 	if stored.Bulk.State != fleetv1.BulkState_BULK_STATE_RUNNING || !stored.Plan.Hosts["c"].Ended || stored.Plan.Hosts["b"].CommandID != bCmd ||
@@ -223,11 +241,18 @@ func TestBulkContinuesAfterRestart(t *testing.T) {
 	waitUntil(t, "the run waiting for d to reconnect", func() bool {
 		return strings.Contains(resultsByHost(e2.bulkNow(b.BulkId))["d"].Message, "waiting for the host to reconnect")
 	})
+	// The continued run is in the new process's snapshots from the start.
+	waitUntil(t, "the new process's snapshot to carry the continued run", func() bool {
+		return proto.Equal(activeBulk(e2.hub.Snapshot(), b.BulkId), e2.bulkNow(b.BulkId))
+	})
 	e2.deployAgent("d", nil, ok)
 
 	got := e2.waitBulk(b.BulkId)
 	if got.State != fleetv1.BulkState_BULK_STATE_SUCCEEDED || got.FinishedAt == nil || !strings.Contains(got.Message, "4 host(s) succeeded") {
 		t.Fatalf("bulk after the restart = %v", got)
+	}
+	if activeBulk(e2.hub.Snapshot(), b.BulkId) != nil {
+		t.Fatal("the snapshot still lists the run after it ended")
 	}
 	rs := resultsByHost(got)
 	for _, id := range []string{"a", "b", "c", "d"} {
@@ -375,6 +400,9 @@ func TestBulkThatCannotContinue(t *testing.T) {
 	if got.State != fleetv1.BulkState_BULK_STATE_PARTIAL || !strings.Contains(rs["gone"].Message, "no longer exists") ||
 		rs["a"].GetCommand().GetState() != typesv1.CommandState_COMMAND_STATE_SUCCEEDED {
 		t.Fatalf("bulk-gone = %v", got)
+	}
+	if got := e.hub.Snapshot().ActiveBulks; len(got) != 0 {
+		t.Fatalf("the snapshot lists %d runs after every run ended", len(got))
 	}
 	evs, err := st.ListAudit(ctx, "", 10, 0)
 	if err != nil || len(evs) != 3 {

@@ -143,6 +143,9 @@ type Hub struct {
 	hosts    map[string]*liveHost
 	watchers map[*Watcher]struct{}
 	commands map[string]*fleetv1.Command // active (not ended) commands
+	// bulks holds the latest progress of each bulk run not yet ended, as
+	// published in BulkProgress events, so a snapshot shows the runs too.
+	bulks    map[string]*fleetv1.BulkCommand
 	target   *fleetv1.FleetTarget
 	pr       *fleetv1.PendingPR
 	prConfig bool
@@ -181,7 +184,7 @@ func New(ctx context.Context, cfg Config) (*Hub, error) {
 		cfg.Log = slog.Default()
 	}
 	h := &Hub{cfg: cfg, log: cfg.Log, hosts: map[string]*liveHost{}, watchers: map[*Watcher]struct{}{}, commands: map[string]*fleetv1.Command{},
-		drained: make(chan struct{})}
+		bulks: map[string]*fleetv1.BulkCommand{}, drained: make(chan struct{})}
 	hosts, err := cfg.Store.ListHosts(ctx)
 	if err != nil {
 		return nil, err
@@ -237,11 +240,58 @@ func (h *Hub) publish(ev *fleetv1.FleetEvent) {
 	}
 }
 
-// Publish sends an event to every watcher.
+// Publish sends an event to every watcher. A BulkProgress event also
+// records the run's latest state for snapshots (see [Hub.ActiveBulks]), so
+// its publisher must publish a run's states in order, the end last.
 func (h *Hub) Publish(ev *fleetv1.FleetEvent) {
 	h.mu.Lock()
+	if bp, ok := ev.GetKind().(*fleetv1.FleetEvent_BulkProgress); ok {
+		h.bulkProgressLocked(bp.BulkProgress.GetBulk())
+	}
 	h.publish(ev)
 	h.mu.Unlock()
+}
+
+// bulkProgressLocked keeps a running bulk run's latest state and forgets
+// one that ended. Caller holds mu.
+func (h *Hub) bulkProgressLocked(b *fleetv1.BulkCommand) {
+	if b.GetBulkId() == "" {
+		return
+	}
+	if b.GetState() == fleetv1.BulkState_BULK_STATE_RUNNING {
+		h.bulks[b.BulkId] = b
+	} else {
+		delete(h.bulks, b.BulkId)
+	}
+}
+
+// ActiveBulks returns the bulk runs not yet ended, oldest first, as last
+// published. The messages are shared: read them, do not change them.
+func (h *Hub) ActiveBulks() []*fleetv1.BulkCommand {
+	h.mu.Lock()
+	out := h.activeBulksLocked()
+	h.mu.Unlock()
+	sortBulks(out)
+	return out
+}
+
+// activeBulksLocked lists the running bulk runs. Caller holds mu.
+func (h *Hub) activeBulksLocked() []*fleetv1.BulkCommand {
+	out := make([]*fleetv1.BulkCommand, 0, len(h.bulks))
+	for _, b := range h.bulks {
+		out = append(out, b)
+	}
+	return out
+}
+
+// sortBulks orders bulk runs by start, then id.
+func sortBulks(bs []*fleetv1.BulkCommand) {
+	slices.SortFunc(bs, func(a, b *fleetv1.BulkCommand) int {
+		if c := a.GetCreatedAt().AsTime().Compare(b.GetCreatedAt().AsTime()); c != 0 {
+			return c
+		}
+		return strings.Compare(a.BulkId, b.BulkId)
+	})
 }
 
 // statusChanged publishes lh's state. Caller holds mu.
@@ -833,12 +883,14 @@ func (h *Hub) snapshotLocked(resync bool) func() *fleetv1.Snapshot {
 	for _, c := range h.commands {
 		active = append(active, c)
 	}
+	bulks := h.activeBulksLocked()
 	version := h.cfg.ServerVersion
 	return func() *fleetv1.Snapshot {
 		sort.Slice(active, func(i, j int) bool { return active[i].CommandId < active[j].CommandId })
+		sortBulks(bulks)
 		return &fleetv1.Snapshot{Hosts: refs.buildShared(), Target: target, PendingPr: pr, PullRequestsConfigured: prc,
 			PullRequestsError: prErr, PullRequestsCheckedAt: prChecked,
-			ServerVersion: version, Resync: resync, ActiveCommands: active}
+			ServerVersion: version, Resync: resync, ActiveCommands: active, ActiveBulks: bulks}
 	}
 }
 

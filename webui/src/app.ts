@@ -9,7 +9,7 @@ import { FleetService, SnapshotSchema, type Snapshot } from "./gen/nixplane/flee
 import { Account } from "./account";
 import { BulkRuns, CommandTracker } from "./commands";
 import { blockReason, describeBlock, errorText } from "./errors";
-import { applyEvent, bulkFromProto, bulkProgressText, type BulkInfo } from "./events";
+import { activeBulksOf, applyEvent, bulkFromProto, bulkProgressText, type BulkInfo } from "./events";
 import { LogPanel } from "./logview";
 import {
   backoffDelay,
@@ -313,6 +313,7 @@ function hydrate(): void {
   const snap = readSnapshot();
   hostStore.hydrate(snap);
   globalState.hydrate(snap);
+  syncBulks(activeBulksOf(snap));
   // Elements the snapshot does not explain are dropped.
   for (const id of Array.from(views.keys())) {
     if (!hostStore.has(id)) removeViews(id);
@@ -417,14 +418,14 @@ async function settleOwnCommands(active: Set<string>): Promise<void> {
 }
 
 const sink = {
-  snapshot(resync: boolean, active: CommandInfo[]): void {
+  snapshot(resync: boolean, active: CommandInfo[], running: BulkInfo[]): void {
     for (const c of active) noteCommand(c);
+    syncBulks(running);
     // After a reconnect or resync, lines and ends may have been missed:
     // reload open tabs and ask for own commands that are no longer active.
     if (resync || streams > 1) {
       for (const id of logs.book.tabs.keys()) void loadHistory(id);
       void settleOwnCommands(new Set(active.map((c) => c.id)));
-      void settleBulks();
     }
   },
   commandQueued(cmd: CommandInfo): void {
@@ -460,19 +461,31 @@ function noteBulk(b: BulkInfo): void {
   showToast(bulkProgressText(cur), cur.state === "succeeded" ? "ok" : "error");
 }
 
-/** settleBulks asks for the runs shown as running whose end the stream may have missed. */
-async function settleBulks(): Promise<void> {
-  for (const b of bulks.running()) {
+/**
+ * syncBulks takes the bulk runs a snapshot (the first paint's or a
+ * stream's) lists as running, the way their progress events would be
+ * taken, so a run shows as soon as the page loads. A run shown as running
+ * that the snapshot no longer lists ended meanwhile: it is hidden, and for
+ * one this page started its end is asked for, to be reported.
+ */
+function syncBulks(running: BulkInfo[]): void {
+  const ended = bulks.sync(running).filter((b) => ownBulks.has(b.id));
+  scheduler.global();
+  if (ended.length > 0) void settleBulks(ended);
+}
+
+/** settleBulks asks for the state of own runs whose end the stream did not bring. */
+async function settleBulks(runs: BulkInfo[]): Promise<void> {
+  for (const b of runs) {
     try {
       const res = await client.getBulkCommand({ bulkId: b.id });
       if (res.bulk) noteBulk(bulkFromProto(res.bulk));
-      else bulks.forget(b.id);
+      else ownBulks.delete(b.id);
     } catch (err) {
-      if (ConnectError.from(err).code === Code.NotFound) bulks.forget(b.id);
+      if (ConnectError.from(err).code === Code.NotFound) ownBulks.delete(b.id);
       else console.warn("bulk run state unavailable", b.id, err);
     }
   }
-  scheduler.global();
 }
 
 /** loadHistory fills a tab with the host's latest command log. */

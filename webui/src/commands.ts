@@ -126,6 +126,27 @@ export class BulkRuns {
     return next;
   }
 
+  /**
+   * sync takes a snapshot's runs not yet ended: each is seen as its progress
+   * event would be, and a running run the snapshot no longer lists (it ended
+   * meanwhile) stops showing. It returns the runs it dropped.
+   */
+  sync(active: BulkInfo[]): BulkInfo[] {
+    const listed = new Set<string>();
+    for (const b of active) {
+      if (!b.id) continue;
+      listed.add(b.id);
+      this.seen(b);
+    }
+    const dropped: BulkInfo[] = [];
+    for (const [id, b] of this.runs) {
+      if (listed.has(id)) continue;
+      this.runs.delete(id);
+      dropped.push(b);
+    }
+    return dropped;
+  }
+
   /** running lists the runs not yet ended, in the order they were first heard of. */
   running(): BulkInfo[] {
     return Array.from(this.runs.values());

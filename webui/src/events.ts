@@ -2,7 +2,7 @@
 // It is defensive: a malformed or unknown event is ignored, never thrown on,
 // because one bad event must not stop the stream that carries all the others.
 
-import type { BulkCommand, FleetEvent } from "./gen/nixplane/fleet/v1/fleet_pb";
+import type { BulkCommand, FleetEvent, Snapshot } from "./gen/nixplane/fleet/v1/fleet_pb";
 import { BulkState } from "./gen/nixplane/fleet/v1/fleet_pb";
 import {
   commandFromProto,
@@ -40,8 +40,11 @@ export interface EventSink {
   commandOutput?(hostId: string, commandId: string, lines: LogLine[]): void;
   commandComplete?(cmd: CommandInfo): void;
   bulkProgress?(bulk: BulkInfo): void;
-  /** snapshot follows a (re)started stream's snapshot, with its commands not yet ended. */
-  snapshot?(resync: boolean, active: CommandInfo[]): void;
+  /**
+   * snapshot follows a (re)started stream's snapshot, with its commands and
+   * bulk runs not yet ended: a run it does not list has ended.
+   */
+  snapshot?(resync: boolean, active: CommandInfo[], bulks: BulkInfo[]): void;
 }
 
 /** Stores is what events write into. */
@@ -72,6 +75,19 @@ export function bulkFromProto(b: BulkCommand): BulkInfo {
     prNumber: typeof b.prNumber === "number" && Number.isInteger(b.prNumber) && b.prNumber > 0 ? b.prNumber : 0,
     commit: typeof b.commit === "string" ? b.commit : "",
   };
+}
+
+/**
+ * activeBulksOf returns a snapshot's bulk runs not yet ended (the first
+ * paint's or a stream's), converted as a BulkProgress event's run is; runs
+ * without an id are left out.
+ */
+export function activeBulksOf(snap: Pick<Snapshot, "activeBulks">): BulkInfo[] {
+  const list: unknown = snap.activeBulks;
+  if (!Array.isArray(list)) return [];
+  return list
+    .filter((b): b is BulkCommand => !!b && typeof b === "object" && typeof (b as BulkCommand).bulkId === "string" && (b as BulkCommand).bulkId !== "")
+    .map(bulkFromProto);
 }
 
 /**
@@ -137,7 +153,11 @@ function apply(ev: unknown, s: Stores): boolean {
       }
       s.hosts.replaceAll(hosts);
       s.global.hydrate(snap);
-      s.sink?.snapshot?.(snap.resync === true, active.filter((c) => c.id && !isTerminal(c.state)));
+      s.sink?.snapshot?.(
+        snap.resync === true,
+        active.filter((c) => c.id && !isTerminal(c.state)),
+        activeBulksOf(snap),
+      );
       return true;
     }
     case "hostHeartbeat": {

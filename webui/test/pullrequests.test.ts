@@ -1,11 +1,12 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { create } from "@bufbuild/protobuf";
+import { create, fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { BulkCommandSchema, BulkState, SnapshotSchema } from "../src/gen/nixplane/fleet/v1/fleet_pb";
 import { CommandState } from "../src/gen/nixplane/types/v1/types_pb";
 import { BulkRuns } from "../src/commands";
-import { applyEvent, bulkFromProto, bulkLabel, bulkProgressText, type BulkInfo } from "../src/events";
+import { activeBulksOf, applyEvent, bulkFromProto, bulkLabel, bulkProgressText, type BulkInfo, type EventSink } from "../src/events";
+import type { CommandInfo } from "../src/model";
 import { compartmentTooltip, oneLine, pullRequestsStatus, PR_ERROR_INLINE } from "../src/model";
 import { newView, renderBulkProgress, renderHostView, renderPullRequests } from "../src/render";
 import { GlobalStore, HostStore } from "../src/store";
@@ -233,5 +234,95 @@ describe("merge-and-deploy runs", () => {
     renderBulkProgress(e, runs.running());
     assert.equal(e.hidden, true);
     assert.equal(e.textContent, "");
+  });
+
+  /** deploy is a running merge-and-deploy of PR #42 on two hosts, one of them deployed. */
+  const deploy = {
+    bulkId: "bulk-7",
+    command: "merge-and-deploy",
+    state: BulkState.RUNNING,
+    prNumber: 42,
+    commit: "abcdef0123456789abcdef0123456789abcdef01",
+    results: [
+      { hostId: "web-1", command: { commandId: "c1", hostId: "web-1", command: "pull-switch", state: CommandState.SUCCEEDED } },
+      { hostId: "web-2", command: { commandId: "c2", hostId: "web-2", command: "pull-switch", state: CommandState.RUNNING } },
+    ],
+  };
+
+  it("show on first paint from the page's snapshot", () => {
+    // The page's snapshot is protojson, read as the page reads it.
+    const json: JsonValue = {
+      hosts: [{ hostId: "web-1" }],
+      activeBulks: [
+        {
+          bulkId: "bulk-7",
+          command: "merge-and-deploy",
+          state: "BULK_STATE_RUNNING",
+          prNumber: 42,
+          commit: "abcdef0123456789abcdef0123456789abcdef01",
+          results: [
+            { hostId: "web-1", command: { commandId: "c1", hostId: "web-1", command: "pull-switch", state: "COMMAND_STATE_SUCCEEDED" } },
+            { hostId: "web-2", command: { commandId: "c2", hostId: "web-2", command: "pull-switch", state: "COMMAND_STATE_RUNNING" } },
+          ],
+        },
+        { bulkId: "", command: "switch", state: "BULK_STATE_RUNNING" },
+      ],
+    };
+    const snap = fromJson(SnapshotSchema, json, { ignoreUnknownFields: true });
+    const runs = new BulkRuns();
+    assert.deepEqual(runs.sync(activeBulksOf(snap)), []);
+    const e = new FakeEl();
+    e.hidden = true;
+    renderBulkProgress(e, runs.running());
+    assert.equal(e.hidden, false);
+    assert.equal(e.textContent, "Merge & Deploy PR #42 (abcdef0): 1/2 hosts", "a run without an id is left out");
+    assert.deepEqual(activeBulksOf(create(SnapshotSchema, {})), []);
+    assert.deepEqual(activeBulksOf({ activeBulks: "nope" as never }), []);
+  });
+
+  it("come from stream snapshots as from progress events, and hide when a resync no longer lists them", () => {
+    const hosts = new HostStore();
+    const global = new GlobalStore();
+    const runs = new BulkRuns();
+    const snapshots: { resync: boolean; bulks: BulkInfo[] }[] = [];
+    const sink: EventSink = {
+      snapshot(resync: boolean, _active: CommandInfo[], bulks: BulkInfo[]) {
+        snapshots.push({ resync, bulks });
+        runs.sync(bulks);
+      },
+      bulkProgress(b: BulkInfo) {
+        runs.seen(b);
+      },
+    };
+    const s = { hosts, global, sink };
+    assert.ok(applyEvent(ev({ case: "snapshot", value: { hosts: [host("web-1"), host("web-2")], activeBulks: [deploy] } }), s));
+    assert.equal(snapshots.length, 1);
+    assert.deepEqual(snapshots[0]?.bulks, [bulkFromProto(create(BulkCommandSchema, deploy))], "the same conversion as a progress event's");
+    const e = new FakeEl();
+    renderBulkProgress(e, runs.running());
+    assert.equal(e.textContent, "Merge & Deploy PR #42 (abcdef0): 1/2 hosts");
+
+    // Another run starts; a resync snapshot still lists both, the deploy
+    // with older progress than its latest event: the later progress stays.
+    const done = { ...deploy, results: deploy.results.map((r) => ({ ...r, command: { ...r.command, state: CommandState.SUCCEEDED } })) };
+    assert.ok(applyEvent(ev({ case: "bulkProgress", value: { bulk: done } }), s));
+    assert.ok(applyEvent(ev({ case: "bulkProgress", value: { bulk: { bulkId: "bulk-8", command: "switch", state: BulkState.RUNNING, results: [{ hostId: "web-1" }] } } }), s));
+    applyEvent(ev({ case: "snapshot", value: { resync: true, hosts: [host("web-1")], activeBulks: [deploy, { bulkId: "bulk-8", command: "switch", state: BulkState.RUNNING, results: [{ hostId: "web-1" }] }] } }), s);
+    renderBulkProgress(e, runs.running());
+    assert.equal(e.textContent, "Merge & Deploy PR #42 (abcdef0): 2/2 hosts · switch: 0/1 hosts");
+
+    // The deploy ended while the page was behind: the resync snapshot no
+    // longer lists it, so it is hidden and handed back.
+    applyEvent(ev({ case: "snapshot", value: { resync: true, hosts: [host("web-1")], activeBulks: [{ bulkId: "bulk-8", command: "switch", state: BulkState.RUNNING, results: [{ hostId: "web-1" }] }] } }), s);
+    assert.equal(snapshots.at(-1)?.resync, true);
+    renderBulkProgress(e, runs.running());
+    assert.equal(e.textContent, "switch: 0/1 hosts");
+    const dropped = runs.sync([]);
+    assert.deepEqual(dropped.map((b) => b.id), ["bulk-8"]);
+    renderBulkProgress(e, runs.running());
+    assert.equal(e.hidden, true);
+    // A late progress event of a dropped run that is still running brings it back.
+    runs.seen(bulkFromProto(create(BulkCommandSchema, deploy)));
+    assert.equal(runs.running().length, 1);
   });
 });
