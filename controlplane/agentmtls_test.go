@@ -2,23 +2,15 @@ package controlplane_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
 	"log/slog"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,71 +28,8 @@ import (
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+	"github.com/nixplane/nixplane/tests/testpki"
 )
-
-// testCA is a certificate authority made for one test.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-var serial atomic.Int64
-
-func newTestCA(t *testing.T, name string) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial.Add(1)), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// issue signs a leaf certificate from tmpl (serial, validity and key filled
-// in) and returns its PEM certificate and key.
-func (ca *testCA) issue(t *testing.T, tmpl *x509.Certificate) (certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl.SerialNumber = big.NewInt(serial.Add(1))
-	tmpl.NotBefore, tmpl.NotAfter = time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)
-	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
-}
-
-// clientCert issues a client certificate; dns are its DNS SANs (none: the
-// CN alone names the host).
-func (ca *testCA) clientCert(t *testing.T, cn string, dns ...string) tls.Certificate {
-	t.Helper()
-	c, k := ca.issue(t, &x509.Certificate{Subject: pkix.Name{CommonName: cn}, DNSNames: dns,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
-	cert, err := tls.X509KeyPair(c, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert
-}
 
 func writeFile(t *testing.T, path string, b []byte) string {
 	t.Helper()
@@ -115,7 +44,7 @@ func writeFile(t *testing.T, path string, b []byte) string {
 type mtlsEnv struct {
 	addr   string
 	dir    string
-	ca     *testCA
+	ca     *testpki.CA
 	roots  *x509.CertPool
 	tokens map[string]string
 	admin  string
@@ -125,11 +54,9 @@ func startMTLSServer(t *testing.T) *mtlsEnv {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	dir := t.TempDir()
-	e := &mtlsEnv{dir: dir, ca: newTestCA(t, "nixplane agents"), tokens: map[string]string{}}
-	e.roots = x509.NewCertPool()
-	e.roots.AddCert(e.ca.cert)
-	srvCert, srvKey := e.ca.issue(t, &x509.Certificate{Subject: pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	e := &mtlsEnv{dir: dir, ca: testpki.NewCA(t, "nixplane agents"), tokens: map[string]string{}}
+	e.roots = e.ca.Pool()
+	srv := e.ca.Server()
 
 	st, err := controlplane.OpenStore(ctx, filepath.Join(dir, "data"))
 	if err != nil {
@@ -158,8 +85,8 @@ func startMTLSServer(t *testing.T) *mtlsEnv {
 	ready := make(chan string, 1)
 	done := make(chan error, 1)
 	cfg := controlplane.Config{Listen: "127.0.0.1:0", DataDir: filepath.Join(dir, "data"), Version: "1.0.0",
-		TLSCert: writeFile(t, filepath.Join(dir, "server.pem"), srvCert), TLSKey: writeFile(t, filepath.Join(dir, "server.key"), srvKey),
-		AgentClientCA: writeFile(t, filepath.Join(dir, "agents-ca.pem"), e.ca.pem), AdminPassword: "correct horse battery",
+		TLSCert: writeFile(t, filepath.Join(dir, "server.pem"), srv.CertPEM()), TLSKey: writeFile(t, filepath.Join(dir, "server.key"), srv.KeyPEM()),
+		AgentClientCA: writeFile(t, filepath.Join(dir, "agents-ca.pem"), e.ca.PEM()), AdminPassword: "correct horse battery",
 		Out: io.Discard, Log: slog.New(slog.DiscardHandler), Ready: func(a string) { ready <- a }}
 	go func() { done <- controlplane.Run(ctx, cfg) }()
 	t.Cleanup(func() {
@@ -225,12 +152,12 @@ func TestAgentClientCertificates(t *testing.T) {
 	e := startMTLSServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	foreign := newTestCA(t, "somebody else")
-	web1 := e.ca.clientCert(t, "web-1", "web-1")
-	web2 := e.ca.clientCert(t, "web-2", "web-2")
-	web1CNOnly := e.ca.clientCert(t, "web-1")
-	web1Foreign := foreign.clientCert(t, "web-1", "web-1")
-	web1Upper := e.ca.clientCert(t, "agent", "other.example", "WEB-1")
+	foreign := testpki.NewCA(t, "somebody else")
+	web1 := e.ca.Client("web-1", testpki.DNS("web-1")).TLS()
+	web2 := e.ca.Client("web-2", testpki.DNS("web-2")).TLS()
+	web1CNOnly := e.ca.Client("web-1").TLS()
+	web1Foreign := foreign.Client("web-1", testpki.DNS("web-1")).TLS()
+	web1Upper := e.ca.Client("agent", testpki.DNS("other.example", "WEB-1")).TLS()
 
 	for _, tc := range []struct {
 		name        string
@@ -346,12 +273,11 @@ func TestAgentSessionRotatesClientCertificate(t *testing.T) {
 	defer cancel()
 	dir := t.TempDir()
 	tokenFile := writeFile(t, filepath.Join(dir, "token"), []byte(e.tokens["web-1"]+"\n"))
-	caFile := writeFile(t, filepath.Join(dir, "ca.pem"), e.ca.pem)
+	caFile := writeFile(t, filepath.Join(dir, "ca.pem"), e.ca.PEM())
 	certFile, keyFile := filepath.Join(dir, "client.pem"), filepath.Join(dir, "client.key")
-	wrongCert, wrongKey := e.ca.issue(t, &x509.Certificate{Subject: pkix.Name{CommonName: "web-2"}, DNSNames: []string{"web-2"},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
-	writeFile(t, certFile, wrongCert)
-	writeFile(t, keyFile, wrongKey)
+	wrong := e.ca.Client("web-2", testpki.DNS("web-2"))
+	writeFile(t, certFile, wrong.CertPEM())
+	writeFile(t, keyFile, wrong.KeyPEM())
 
 	logs := &lockedBuffer{}
 	client, err := session.New(session.Config{Server: "https://" + e.addr, Hostname: "web-1", TokenFile: tokenFile,
@@ -400,10 +326,9 @@ func TestAgentSessionRotatesClientCertificate(t *testing.T) {
 	}
 
 	// Renew: the right certificate replaces the files in place.
-	rightCert, rightKey := e.ca.issue(t, &x509.Certificate{Subject: pkix.Name{CommonName: "web-1"}, DNSNames: []string{"web-1"},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
-	writeFile(t, keyFile+".new", rightKey)
-	writeFile(t, certFile+".new", rightCert)
+	right := e.ca.Client("web-1", testpki.DNS("web-1"))
+	writeFile(t, keyFile+".new", right.KeyPEM())
+	writeFile(t, certFile+".new", right.CertPEM())
 	if err := os.Rename(keyFile+".new", keyFile); err != nil {
 		t.Fatal(err)
 	}
@@ -418,7 +343,7 @@ func TestAgentSessionRotatesClientCertificate(t *testing.T) {
 // certificates are refused at start, before anything is created.
 func TestAgentClientCANeedsTLS(t *testing.T) {
 	dir := t.TempDir()
-	ca := writeFile(t, filepath.Join(dir, "ca.pem"), newTestCA(t, "agents").pem)
+	ca := writeFile(t, filepath.Join(dir, "ca.pem"), testpki.NewCA(t, "agents").PEM())
 	notCA := writeFile(t, filepath.Join(dir, "empty.pem"), []byte("not a certificate\n"))
 	for _, tc := range []struct {
 		name string

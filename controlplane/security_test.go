@@ -3,22 +3,12 @@ package controlplane_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"image/png"
 	"io"
-	"math/big"
-	"net"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -38,6 +28,7 @@ import (
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+	"github.com/nixplane/nixplane/tests/testpki"
 )
 
 // sessionREST makes a REST call as alice's browser would: session cookie,
@@ -568,7 +559,9 @@ func TestSecurityHeaders(t *testing.T) {
 		}
 	})
 	t.Run("TLS", func(t *testing.T) {
-		certFile, keyFile, pool := selfSigned(t)
+		ca := testpki.NewCA(t, "nixplane test")
+		certFile, keyFile := ca.Server().WriteFiles(t.TempDir(), "server")
+		pool := ca.Pool()
 		te := startSecEnvWith(t, nil, func(c *controlplane.Config) { c.TLSCert, c.TLSKey = certFile, keyFile })
 		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}
 		defer tr.CloseIdleConnections()
@@ -588,42 +581,6 @@ func TestSecurityHeaders(t *testing.T) {
 			t.Errorf("TLS answered over %s, want HTTP/2 by ALPN", resp.Proto)
 		}
 	})
-}
-
-// selfSigned writes a fresh self-signed certificate for 127.0.0.1 and its
-// key, and returns their files and a pool that trusts it.
-func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
-	t.Helper()
-	dir := t.TempDir()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool = x509.NewCertPool()
-	pool.AddCert(cert)
-	return certFile, keyFile, pool
 }
 
 // TestOversizeInput: a message over the server's limit is refused with

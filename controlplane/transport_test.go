@@ -26,6 +26,7 @@ import (
 	"github.com/nixplane/nixplane/agent/session"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+	"github.com/nixplane/nixplane/tests/testpki"
 )
 
 // portMetric reads one nixplane_connections_* series of the server at
@@ -235,7 +236,7 @@ func TestGRPCOnHTTPConnection(t *testing.T) {
 // certificate and refused for another host, as on the native transport.
 func TestAgentOnHTTPConnectionOverTLS(t *testing.T) {
 	e := startMTLSServer(t)
-	web1 := e.ca.clientCert(t, "web-1", "web-1")
+	web1 := e.ca.Client("web-1", testpki.DNS("web-1")).TLS()
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: e.roots, Certificates: []tls.Certificate{web1}}, ForceAttemptHTTP2: true, MaxConnsPerHost: 1}
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr}
@@ -356,7 +357,7 @@ func TestPlainHTTPToTLSPort(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	web1 := e.ca.clientCert(t, "web-1", "web-1")
+	web1 := e.ca.Client("web-1", testpki.DNS("web-1")).TLS()
 	if err := connectAgent(ctx, e.conn(t, &web1), e.tokens["web-1"], "web-1"); err != nil {
 		t.Fatalf("agent after a plain HTTP request: %v", err)
 	}

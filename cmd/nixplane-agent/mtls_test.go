@@ -2,16 +2,8 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
 	"log/slog"
-	"math/big"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,45 +17,8 @@ import (
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
 	"github.com/nixplane/nixplane/controlplane/store"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+	"github.com/nixplane/nixplane/tests/testpki"
 )
-
-// issueTo signs a certificate for tmpl with (caCert, caKey), nil meaning
-// self-signed, and writes its PEM certificate and key to dir/name.pem and
-// dir/name.key.
-func issueTo(t *testing.T, dir, name string, tmpl *x509.Certificate, caCert *x509.Certificate, caKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sn, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl.SerialNumber, tmpl.NotBefore, tmpl.NotAfter = sn, time.Now().Add(-time.Hour), time.Now().Add(time.Hour)
-	if caCert == nil {
-		caCert, caKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, name+".pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, name+".key"), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert, key
-}
 
 // syncBuffer is an io.Writer safe for a process's output and a poller.
 type syncBuffer struct {
@@ -94,12 +49,10 @@ func TestBinaryWithClientCertificate(t *testing.T) {
 	bin := buildAgent(t)
 	origin, _ := fixture(t)
 	pki := t.TempDir()
-	caCert, caKey := issueTo(t, pki, "ca", &x509.Certificate{Subject: pkix.Name{CommonName: "agents"}, IsCA: true,
-		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}, nil, nil)
-	issueTo(t, pki, "server", &x509.Certificate{Subject: pkix.Name{CommonName: "127.0.0.1"}, IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}, caCert, caKey)
-	issueTo(t, pki, "web-1", &x509.Certificate{Subject: pkix.Name{CommonName: "web-1"}, DNSNames: []string{"web-1"},
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, caCert, caKey)
+	ca := testpki.NewCA(t, "agents")
+	ca.WriteCert(pki, "ca")
+	ca.Server().WriteFiles(pki, "server")
+	ca.Client("web-1", testpki.DNS("web-1")).WriteFiles(pki, "web-1")
 
 	ctx, cancel := context.WithCancel(context.Background())
 	data := t.TempDir()
@@ -173,8 +126,7 @@ func TestBinaryWithClientCertificate(t *testing.T) {
 func TestCheckClientCertificateFlags(t *testing.T) {
 	origin, tok := fixture(t)
 	pki := t.TempDir()
-	issueTo(t, pki, "web-1", &x509.Certificate{Subject: pkix.Name{CommonName: "web-1"}, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, nil, nil)
+	testpki.NewCA(t, "agents").Client("web-1").WriteFiles(pki, "web-1")
 	base := []string{"--check", "--hostname", "web-1", "--token-file", tok, "--state-dir", t.TempDir(), "--repo-url", origin, "--server", "https://127.0.0.1:1"}
 	if code := run(append(base, "--tls-client-cert", filepath.Join(pki, "web-1.pem"))); code != 1 {
 		t.Errorf("--check with a certificate but no key = %d, want 1", code)

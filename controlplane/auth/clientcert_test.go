@@ -2,14 +2,9 @@ package auth
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -26,65 +21,8 @@ import (
 
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
+	"github.com/nixplane/nixplane/tests/testpki"
 )
-
-// pki signs certificates for one test.
-type pki struct {
-	t    *testing.T
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	n    int64
-}
-
-func newPKI(t *testing.T, name string) *pki {
-	t.Helper()
-	p := &pki{t: t}
-	p.cert, p.key = p.sign(&x509.Certificate{Subject: pkix.Name{CommonName: name}, IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign}, nil, nil)
-	return p
-}
-
-// sign creates a certificate from tmpl, signed by parent (nil: itself).
-func (p *pki) sign(tmpl *x509.Certificate, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
-	p.t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	p.n++
-	tmpl.SerialNumber = big.NewInt(p.n)
-	if tmpl.NotBefore.IsZero() {
-		tmpl.NotBefore, tmpl.NotAfter = time.Now().Add(-time.Hour), time.Now().Add(time.Hour)
-	}
-	if parent == nil {
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	return c, key
-}
-
-// client issues a client-authentication certificate from tmpl.
-func (p *pki) client(tmpl *x509.Certificate) *x509.Certificate {
-	if tmpl.ExtKeyUsage == nil {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
-	}
-	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	c, _ := p.sign(tmpl, p.cert, p.key)
-	return c
-}
-
-func (p *pki) pool() *x509.CertPool {
-	pool := x509.NewCertPool()
-	pool.AddCert(p.cert)
-	return pool
-}
 
 // withPeer is ctx as a gRPC handler sees a TLS peer that presented certs
 // (nil: a plaintext peer).
@@ -120,23 +58,21 @@ func TestCertificateHostNames(t *testing.T) {
 // do not look at certificates.
 func TestAgentClientCertificate(t *testing.T) {
 	f := newFixture(t)
-	ca := newPKI(t, "agents")
-	f.authn.AgentClientCAs = ca.pool()
-	other := newPKI(t, "other")
+	ca := testpki.NewCA(t, "agents")
+	f.authn.AgentClientCAs = ca.Pool()
+	other := testpki.NewCA(t, "other")
 	now := f.clock.Now()
-	web1 := ca.client(&x509.Certificate{Subject: pkix.Name{CommonName: "web-1"}, DNSNames: []string{"web-1"}})
-	web1CN := ca.client(&x509.Certificate{Subject: pkix.Name{CommonName: "web-1"}})
-	web1FQDN := ca.client(&x509.Certificate{DNSNames: []string{"web-1.example.org"}})
-	web1Wild := ca.client(&x509.Certificate{DNSNames: []string{"*"}})
-	web2 := ca.client(&x509.Certificate{DNSNames: []string{"web-2"}})
-	web1Server := ca.client(&x509.Certificate{DNSNames: []string{"web-1"}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
-	web1Expired := ca.client(&x509.Certificate{DNSNames: []string{"web-1"}, NotBefore: now.Add(-48 * time.Hour), NotAfter: now.Add(-24 * time.Hour)})
-	web1Foreign := other.client(&x509.Certificate{DNSNames: []string{"web-1"}})
+	web1 := ca.Client("web-1", testpki.DNS("web-1")).Cert
+	web1CN := ca.Client("web-1").Cert
+	web1FQDN := ca.Client("", testpki.DNS("web-1.example.org")).Cert
+	web1Wild := ca.Client("", testpki.DNS("*")).Cert
+	web2 := ca.Client("", testpki.DNS("web-2")).Cert
+	web1Server := ca.Client("", testpki.DNS("web-1"), testpki.ExtKeyUsage(x509.ExtKeyUsageServerAuth)).Cert
+	web1Expired := ca.Client("", testpki.DNS("web-1"), testpki.Validity(now.Add(-48*time.Hour), now.Add(-24*time.Hour))).Cert
+	web1Foreign := other.Client("", testpki.DNS("web-1")).Cert
 	// An intermediate CA under the agents' CA, sent along by the agent.
-	interCert, interKey := ca.sign(&x509.Certificate{Subject: pkix.Name{CommonName: "agents intermediate"}, IsCA: true,
-		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}, ca.cert, ca.key)
-	viaInter, _ := ca.sign(&x509.Certificate{DNSNames: []string{"web-1"}, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}, interCert, interKey)
+	inter := ca.Intermediate("agents intermediate")
+	viaInter := inter.Client("", testpki.DNS("web-1"))
 
 	connect := agentv1.AgentService_Connect_FullMethodName
 	for _, tc := range []struct {
@@ -149,7 +85,7 @@ func TestAgentClientCertificate(t *testing.T) {
 	}{
 		{"token and certificate", connect, "agent:web-1", []*x509.Certificate{web1}, codes.OK, ""},
 		{"CN-only certificate", connect, "agent:web-1", []*x509.Certificate{web1CN}, codes.OK, ""},
-		{"chain through an intermediate", connect, "agent:web-1", []*x509.Certificate{viaInter, interCert}, codes.OK, ""},
+		{"chain through an intermediate", connect, "agent:web-1", viaInter.Certs(), codes.OK, ""},
 		{"plaintext connection", connect, "agent:web-1", nil, codes.Unauthenticated, "requires an agent client certificate"},
 		{"TLS without a certificate", connect, "agent:web-1", []*x509.Certificate{}, codes.Unauthenticated, "requires an agent client certificate"},
 		{"another host's certificate", connect, "agent:web-1", []*x509.Certificate{web2}, codes.PermissionDenied, `names "web-2", not host "web-1"`},
@@ -158,7 +94,7 @@ func TestAgentClientCertificate(t *testing.T) {
 		{"server-only certificate", connect, "agent:web-1", []*x509.Certificate{web1Server}, codes.Unauthenticated, "not valid for client authentication"},
 		{"expired certificate", connect, "agent:web-1", []*x509.Certificate{web1Expired}, codes.Unauthenticated, "not valid"},
 		{"foreign CA", connect, "agent:web-1", []*x509.Certificate{web1Foreign}, codes.Unauthenticated, "not issued by this server's agent client CA"},
-		{"intermediate not sent", connect, "agent:web-1", []*x509.Certificate{viaInter}, codes.Unauthenticated, "not issued"},
+		{"intermediate not sent", connect, "agent:web-1", []*x509.Certificate{viaInter.Cert}, codes.Unauthenticated, "not issued"},
 		{"bad token beats a good certificate", connect, "read", []*x509.Certificate{web1}, codes.PermissionDenied, "only agents"},
 		{"other methods ignore certificates", fleetv1.FleetService_ListHosts_FullMethodName, "read", nil, codes.OK, ""},
 		{"an agent certificate grants nothing else", fleetv1.FleetService_ListHosts_FullMethodName, "agent:web-1", []*x509.Certificate{web1}, codes.PermissionDenied, "agent tokens may only"},
@@ -186,11 +122,7 @@ func TestAgentClientCertificate(t *testing.T) {
 
 func TestLoadCertPool(t *testing.T) {
 	dir := t.TempDir()
-	ca := newPKI(t, "agents")
-	good := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(good, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	good := testpki.NewCA(t, "agents").WriteCert(dir, "ca")
 	if pool, err := LoadCertPool(good); err != nil || pool == nil {
 		t.Fatalf("LoadCertPool: %v", err)
 	}
