@@ -3,8 +3,11 @@
 // the Hello with the host's token, waits for the Welcome, sends heartbeats
 // on a ticker, sends what the [Outbox] holds, hands commands from the server
 // to a [Handler], and reconnects with exponential backoff and jitter when
-// the stream ends. On shutdown it closes its side of the stream cleanly so
-// the server marks the host offline at once.
+// the stream ends. A server that is shutting down refuses the stream with a
+// suggested retry delay ([RetryDelay]); the agent then waits at least that
+// long ([ReconnectDelay]), so a restarting server is not hammered. On
+// shutdown it closes its side of the stream cleanly, even before the
+// Welcome, so the server marks the host offline at once.
 package session
 
 import (
@@ -15,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"os"
@@ -24,6 +28,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -91,7 +96,8 @@ type Config struct {
 	// WelcomeTimeout bounds connect + Hello + Welcome.
 	WelcomeTimeout time.Duration
 	// BackoffInitial and BackoffMax bound the reconnect delay, which grows
-	// exponentially with jitter between them.
+	// exponentially with jitter between them. A retry delay suggested by
+	// the server replaces a shorter step, and is capped at BackoffMax too.
 	BackoffInitial, BackoffMax time.Duration
 	// HealthyAfter is how long a welcomed session must last for the
 	// reconnect delay to start again from BackoffInitial.
@@ -245,6 +251,51 @@ type Client struct {
 	hbNow   chan struct{}
 	restart chan struct{}
 	once    sync.Once
+	// timer starts the wait before a reconnect; tests replace it to see
+	// the planned delays without waiting them out.
+	timer func(time.Duration) (<-chan time.Time, func() bool)
+}
+
+// RetryDelay returns the retry delay the server suggested in err, a gRPC
+// status carrying a google.rpc.RetryInfo detail (the server sends one with
+// Unavailable while it shuts down), and whether there was a positive one.
+func RetryDelay(err error) (time.Duration, bool) {
+	if err == nil {
+		return 0, false
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return 0, false
+	}
+	for _, detail := range st.Details() {
+		if ri, ok := detail.(*errdetails.RetryInfo); ok && ri.GetRetryDelay().IsValid() {
+			if d := ri.GetRetryDelay().AsDuration(); d > 0 {
+				return d, true
+			}
+		}
+	}
+	return 0, false
+}
+
+// ReconnectDelay is how long to wait before reconnecting after a session
+// that ended with err, given the client's own backoff step: when the server
+// suggested a delay ([RetryDelay]), that delay plus a random part of up to
+// half of it again (so agents told the same delay do not return together),
+// capped at most; the step instead when it is longer or there is no
+// suggestion. hinted says whether the server's delay was used.
+func ReconnectDelay(step time.Duration, err error, most time.Duration) (d time.Duration, hinted bool) {
+	hint, ok := RetryDelay(err)
+	if !ok {
+		return step, false
+	}
+	hint += rand.N(hint/2 + 1)
+	if most > 0 {
+		hint = min(hint, most)
+	}
+	if step >= hint {
+		return step, false
+	}
+	return hint, true
 }
 
 // New returns a client; Run starts it.
@@ -257,6 +308,10 @@ func New(cfg Config, h Handler, outbox *Outbox, log *slog.Logger) (*Client, erro
 		cfg: cfg, log: log, h: h, outbox: outbox,
 		hbNow:   make(chan struct{}, 1),
 		restart: make(chan struct{}),
+		timer: func(d time.Duration) (<-chan time.Time, func() bool) {
+			t := time.NewTimer(d)
+			return t.C, t.Stop
+		},
 	}, nil
 }
 
@@ -296,17 +351,17 @@ func (c *Client) Run(ctx context.Context) error {
 		if welcomed && time.Since(start) >= c.cfg.HealthyAfter {
 			b.Reset()
 		}
-		d := b.NextBackOff()
-		c.log.Info("reconnecting", "host", c.cfg.Hostname, "in", d.Round(time.Millisecond).String(), "error", err)
-		t := time.NewTimer(d)
+		d, hinted := ReconnectDelay(b.NextBackOff(), err, c.cfg.BackoffMax)
+		c.log.Info("reconnecting", "host", c.cfg.Hostname, "in", d.Round(time.Millisecond).String(), "server_retry_delay", hinted, "error", err)
+		fire, stop := c.timer(d)
 		select {
 		case <-ctx.Done():
-			t.Stop()
+			stop()
 			return nil
 		case <-c.restart:
-			t.Stop()
+			stop()
 			return ErrRestartRequested
-		case <-t.C:
+		case <-fire:
 		}
 	}
 }
@@ -330,7 +385,7 @@ func (c *Client) session(ctx context.Context) (welcomed bool, err error) {
 	sctx = metadata.AppendToOutgoingContext(sctx, "authorization", "Bearer "+token)
 	welcomeTimer := time.AfterFunc(c.cfg.WelcomeTimeout, cancel)
 	stopEarly := context.AfterFunc(ctx, cancel)
-	defer stopEarly()
+	defer func() { stopEarly() }()
 
 	stream, err := agentv1.NewAgentServiceClient(conn).Connect(sctx)
 	if err != nil {
@@ -346,6 +401,17 @@ func (c *Client) session(ctx context.Context) (welcomed bool, err error) {
 		welcomeTimer.Stop()
 		return false, c.explain(err)
 	}
+	// The server has the Hello: from here a shutdown half-closes the stream
+	// (bounded by DrainTimeout), so the server sees an orderly end and not
+	// a cancelled stream.
+	if !stopEarly() {
+		welcomeTimer.Stop()
+		return false, nil
+	}
+	stopEarly = context.AfterFunc(ctx, func() {
+		_ = stream.CloseSend()
+		time.AfterFunc(c.cfg.DrainTimeout, cancel)
+	})
 	first, err := stream.Recv()
 	welcomeTimer.Stop()
 	if err != nil {
@@ -356,8 +422,13 @@ func (c *Client) session(ctx context.Context) (welcomed bool, err error) {
 		return false, fmt.Errorf("protocol error: first message from the server is %T, want a Welcome", first.GetMsg())
 	}
 	if !stopEarly() {
-		// ctx ended while waiting for the Welcome; the stream is cancelled.
-		return true, nil
+		// ctx ended while waiting for the Welcome; the stream is half-closed:
+		// wait for the server to end it.
+		for {
+			if _, err := stream.Recv(); err != nil {
+				return true, nil
+			}
+		}
 	}
 	c.outbox.welcomed(hello.LastResult)
 	interval := c.cfg.Interval
@@ -396,6 +467,13 @@ func (c *Client) session(ctx context.Context) (welcomed bool, err error) {
 		return true, c.explain(err)
 	case err := <-sendErr:
 		stopLoopsAndWait()
+		if errors.Is(err, io.EOF) {
+			// The server ended the stream: its status, which may carry a
+			// retry delay, comes from the receiving side.
+			if err = <-recvErr; errors.Is(err, io.EOF) {
+				err = errors.New("server closed the stream")
+			}
+		}
 		if err == nil {
 			err = errors.New("send loop ended")
 		}
