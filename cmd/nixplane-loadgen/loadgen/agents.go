@@ -2,7 +2,9 @@ package loadgen
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"strings"
@@ -17,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/nixplane/nixplane/agent/session"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
 )
@@ -123,7 +126,8 @@ func runAgents(ctx context.Context, spec agentSpec, st *agentStats, logStop <-ch
 }
 
 // simAgent is one simulated agent: it keeps one connection and reconnects
-// with exponential backoff and full jitter, like nixplane-agent.
+// with exponential backoff and full jitter, like nixplane-agent, waiting at
+// least the retry delay a stopping server suggests ([session.ReconnectDelay]).
 type simAgent struct {
 	spec    *agentSpec
 	host    HostToken
@@ -131,7 +135,14 @@ type simAgent struct {
 	logs    bool
 	logStop <-chan struct{}
 	dial    func(ctx context.Context, addr string) (net.Conn, error)
+	// timer starts the wait before a reconnect (nil: a real timer); tests
+	// set it to see the planned delays.
+	timer func(time.Duration) (<-chan time.Time, func() bool)
 }
+
+// maxReconnectWait caps a simulated agent's wait between sessions, the
+// server's suggested delay included.
+const maxReconnectWait = 30 * time.Second
 
 func (a *simAgent) run(ctx context.Context) {
 	cc, err := grpc.NewClient("passthrough:///"+a.spec.Addr,
@@ -149,43 +160,58 @@ func (a *simAgent) run(ctx context.Context) {
 	client := agentv1.NewAgentServiceClient(cc)
 	welcomed := false
 	wait := time.Second
+	timer := a.timer
+	if timer == nil {
+		timer = func(d time.Duration) (<-chan time.Time, func() bool) {
+			t := time.NewTimer(d)
+			return t.C, t.Stop
+		}
+	}
 	for ctx.Err() == nil {
-		ok := a.session(ctx, client, welcomed)
+		ok, err := a.session(ctx, client, welcomed)
 		if ok {
 			welcomed = true
 			wait = time.Second
 		} else {
 			a.st.ConnErrors.Add(1)
 		}
-		t := time.NewTimer(rand.N(wait) + 10*time.Millisecond)
+		d, _ := session.ReconnectDelay(rand.N(wait)+10*time.Millisecond, err, maxReconnectWait)
+		fire, stop := timer(d)
 		select {
 		case <-ctx.Done():
-			t.Stop()
+			stop()
 			return
-		case <-t.C:
+		case <-fire:
 		}
-		wait = min(wait*2, 30*time.Second)
+		wait = min(wait*2, maxReconnectWait)
 	}
 }
 
-// session runs one stream; it reports whether the server welcomed it.
-func (a *simAgent) session(ctx context.Context, client agentv1.AgentServiceClient, reconnect bool) bool {
+// session runs one stream; it reports whether the server welcomed it and
+// the error that ended the stream (which may carry a retry delay).
+func (a *simAgent) session(ctx context.Context, client agentv1.AgentServiceClient, reconnect bool) (bool, error) {
 	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+a.host.Token))
 	defer cancel()
 	stream, err := client.Connect(ctx)
 	if err != nil {
-		return false
+		return false, err
 	}
 	hello := &agentv1.Hello{Hostname: a.host.Name, HostType: typesv1.HostType_HOST_TYPE_NIXOS, AgentVersion: "0.1.0",
 		OsVersion: "NixOS 25.11 (loadgen)", NixpkgsVersion: "25.11", Generation: simGeneration, LockHash: simLockHash,
 		RepoUrl: "https://example.invalid/fleet.git", Branch: "main", HeartbeatInterval: durationpb.New(a.spec.Interval),
 		GenerationMessage: "simulated host"}
 	if err := stream.Send(&agentv1.ConnectRequest{Msg: &agentv1.ConnectRequest_Hello{Hello: hello}}); err != nil {
-		return false
+		if errors.Is(err, io.EOF) {
+			_, err = stream.Recv() // the server's status
+		}
+		return false, err
 	}
 	first, err := stream.Recv()
-	if err != nil || first.GetWelcome() == nil {
-		return false
+	if err != nil {
+		return false, err
+	}
+	if first.GetWelcome() == nil {
+		return false, fmt.Errorf("first message from the server is %T, want a Welcome", first.GetMsg())
 	}
 	a.st.Welcomes.Add(1)
 	if reconnect {
@@ -202,11 +228,13 @@ func (a *simAgent) session(ctx context.Context, client agentv1.AgentServiceClien
 	}
 	var running atomic.Pointer[string]
 	recvDone := make(chan struct{})
+	var recvErr error // written before recvDone closes
 	go func() {
 		defer close(recvDone)
 		for {
 			m, err := stream.Recv()
 			if err != nil {
+				recvErr = err
 				cancel()
 				return
 			}
@@ -232,6 +260,11 @@ func (a *simAgent) session(ctx context.Context, client agentv1.AgentServiceClien
 			hb.RunningCommandId = *id
 		}
 		if err := send(&agentv1.ConnectRequest{Msg: &agentv1.ConnectRequest_Heartbeat{Heartbeat: hb}}); err != nil {
+			if errors.Is(err, io.EOF) {
+				// The server ended the stream: receive its status (which
+				// may carry a retry delay) rather than cancel it away.
+				<-recvDone
+			}
 			break
 		}
 		a.st.HBSent.Add(1)
@@ -244,13 +277,13 @@ func (a *simAgent) session(ctx context.Context, client agentv1.AgentServiceClien
 		case <-ctx.Done():
 			t.Stop()
 			<-recvDone
-			return true
+			return true, recvErr
 		case <-t.C:
 		}
 	}
 	cancel()
 	<-recvDone
-	return true
+	return true, recvErr
 }
 
 // emit answers a RunCommand: a log host prints lines at the configured rate
