@@ -97,6 +97,47 @@ func (s *scriptedServer) Connect(stream agentv1.AgentService_ConnectServer) erro
 	return s.steps[i](stream)
 }
 
+// scriptedClient starts a gRPC server on loopback that plays steps and
+// returns a client of it made from cfg (Server, Hostname and TokenFile
+// filled in).
+func scriptedClient(t *testing.T, cfg Config, steps ...func(agentv1.AgentService_ConnectServer) error) *Client {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	agentv1.RegisterAgentServiceServer(gs, &scriptedServer{steps: steps})
+	go func() { _ = gs.Serve(lis) }()
+	t.Cleanup(gs.Stop)
+	dir := t.TempDir()
+	cfg.Server, cfg.Hostname, cfg.TokenFile = "http://"+lis.Addr().String(), "web-1", filepath.Join(dir, "token")
+	if err := os.WriteFile(cfg.TokenFile, []byte("npa_test\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(cfg, testHandler{}, NewOutbox(8, filepath.Join(dir, "pending"), discard()), discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// recordDelays makes c's reconnect waits end at once and records them;
+// after n it calls stop.
+func recordDelays(c *Client, n int, stop func()) *[]time.Duration {
+	planned := &[]time.Duration{}
+	c.timer = func(d time.Duration) (<-chan time.Time, func() bool) {
+		*planned = append(*planned, d) // only Run's goroutine calls timer
+		if len(*planned) == n {
+			stop()
+		}
+		fire := make(chan time.Time, 1)
+		fire <- time.Time{}
+		return fire, func() bool { return false }
+	}
+	return planned
+}
+
 type testHandler struct{}
 
 func (testHandler) Hello(context.Context) *agentv1.Hello         { return &agentv1.Hello{Hostname: "web-1"} }
@@ -112,7 +153,7 @@ func TestReconnectHonoursServerRetryDelay(t *testing.T) {
 	refuse := func(d time.Duration) func(agentv1.AgentService_ConnectServer) error {
 		return func(agentv1.AgentService_ConnectServer) error { return unavailable(t, d) }
 	}
-	srv := &scriptedServer{steps: []func(agentv1.AgentService_ConnectServer) error{
+	steps := []func(agentv1.AgentService_ConnectServer) error{
 		refuse(7 * time.Second), // refused at the Hello
 		refuse(0),               // refused without a hint: the usual backoff
 		func(s agentv1.AgentService_ConnectServer) error { // welcomed, then the server stops
@@ -122,47 +163,19 @@ func TestReconnectHonoursServerRetryDelay(t *testing.T) {
 			return unavailable(t, 3*time.Second)
 		},
 		refuse(2 * time.Hour), // more than BackoffMax
-	}}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
 	}
-	gs := grpc.NewServer()
-	agentv1.RegisterAgentServiceServer(gs, srv)
-	go func() { _ = gs.Serve(lis) }()
-	t.Cleanup(gs.Stop)
-
-	dir := t.TempDir()
-	tok := filepath.Join(dir, "token")
-	if err := os.WriteFile(tok, []byte("npa_test\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	c, err := New(Config{Server: "http://" + lis.Addr().String(), Hostname: "web-1", TokenFile: tok,
-		BackoffInitial: 10 * time.Millisecond, BackoffMax: time.Minute},
-		testHandler{}, NewOutbox(8, filepath.Join(dir, "pending"), discard()), discard())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := scriptedClient(t, Config{BackoffInitial: 10 * time.Millisecond, BackoffMax: time.Minute}, steps...)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var planned []time.Duration
-	c.timer = func(d time.Duration) (<-chan time.Time, func() bool) {
-		planned = append(planned, d) // only Run's goroutine calls timer
-		if len(planned) == len(srv.steps) {
-			cancel()
-		}
-		fire := make(chan time.Time, 1)
-		fire <- time.Time{}
-		return fire, func() bool { return false }
-	}
+	planned := recordDelays(c, len(steps), cancel)
 	if err := c.Run(ctx); err != nil {
 		t.Fatalf("Run: %v", err)
 	}
-	if len(planned) != len(srv.steps) {
-		t.Fatalf("planned %d reconnects (%v), want %d", len(planned), planned, len(srv.steps))
+	if len(*planned) != len(steps) {
+		t.Fatalf("planned %d reconnects (%v), want %d", len(*planned), *planned, len(steps))
 	}
 	within := func(i int, what string, lo, hi time.Duration) {
-		if d := planned[i]; d < lo || d > hi {
+		if d := (*planned)[i]; d < lo || d > hi {
 			t.Errorf("reconnect %d (%s): waits %s, want %s to %s", i+1, what, d, lo, hi)
 		}
 	}
@@ -177,33 +190,12 @@ func TestReconnectHonoursServerRetryDelay(t *testing.T) {
 // orderly end (EOF) and not a cancelled stream.
 func TestShutdownBeforeWelcomeClosesCleanly(t *testing.T) {
 	gotHello, ended := make(chan struct{}), make(chan error, 1)
-	srv := &scriptedServer{steps: []func(agentv1.AgentService_ConnectServer) error{
-		func(s agentv1.AgentService_ConnectServer) error {
-			close(gotHello)
-			_, err := s.Recv()
-			ended <- err
-			return nil
-		},
-	}}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer()
-	agentv1.RegisterAgentServiceServer(gs, srv)
-	go func() { _ = gs.Serve(lis) }()
-	t.Cleanup(gs.Stop)
-
-	dir := t.TempDir()
-	tok := filepath.Join(dir, "token")
-	if err := os.WriteFile(tok, []byte("npa_test\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	c, err := New(Config{Server: "http://" + lis.Addr().String(), Hostname: "web-1", TokenFile: tok, DrainTimeout: 20 * time.Second},
-		testHandler{}, NewOutbox(8, filepath.Join(dir, "pending"), discard()), discard())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := scriptedClient(t, Config{DrainTimeout: 20 * time.Second}, func(s agentv1.AgentService_ConnectServer) error {
+		close(gotHello)
+		_, err := s.Recv()
+		ended <- err
+		return nil
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()

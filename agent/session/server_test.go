@@ -1,18 +1,15 @@
-package session_test
+package session
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/nixplane/nixplane/agent/session"
 	"github.com/nixplane/nixplane/controlplane"
 	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
@@ -21,32 +18,18 @@ import (
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+// onlineHandler is a [Handler] that says when the first heartbeat is
+// built, that is when the session was welcomed.
+type onlineHandler struct {
+	testHandler
+	once   sync.Once
+	online chan struct{}
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
+func (h *onlineHandler) Heartbeat(context.Context) *agentv1.Heartbeat {
+	h.once.Do(func() { close(h.online) })
+	return &agentv1.Heartbeat{}
 }
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-type hostHandler struct{}
-
-func (hostHandler) Hello(context.Context) *agentv1.Hello {
-	return &agentv1.Hello{Hostname: "web-1", AgentVersion: "0.1.0", RepoUrl: "https://example.org/fleet.git", Branch: "main"}
-}
-func (hostHandler) Heartbeat(context.Context) *agentv1.Heartbeat { return &agentv1.Heartbeat{} }
-func (hostHandler) Run(*agentv1.RunCommand)                      {}
-func (hostHandler) Stop(*agentv1.StopCommand)                    {}
-func (hostHandler) Refresh(*agentv1.RefreshStatus)               {}
 
 // TestStoppingServerSuggestsTheReconnectDelay runs the client against the
 // real server and stops the server: the retry delay the server sends
@@ -85,43 +68,33 @@ func TestStoppingServerSuggestsTheReconnectDelay(t *testing.T) {
 		t.Fatalf("server did not start: %v", err)
 	}
 
-	logs := &lockedBuffer{}
-	c, err := session.New(session.Config{Server: "http://" + addr, Hostname: "web-1", TokenFile: tokenFile,
+	h := &onlineHandler{online: make(chan struct{})}
+	c, err := New(Config{Server: "http://" + addr, Hostname: "web-1", TokenFile: tokenFile,
 		BackoffInitial: 10 * time.Millisecond, BackoffMax: time.Minute},
-		hostHandler{}, session.NewOutbox(8, filepath.Join(t.TempDir(), "pending"), slog.New(slog.DiscardHandler)),
-		slog.New(slog.NewTextHandler(logs, nil)))
+		h, NewOutbox(8, filepath.Join(t.TempDir(), "pending"), discard()), discard())
 	if err != nil {
 		t.Fatal(err)
 	}
-	runCtx, stopClient := context.WithCancel(ctx)
+	runCtx, stopClient := context.WithTimeout(ctx, 60*time.Second)
+	defer stopClient()
+	planned := recordDelays(c, 1, stopClient)
 	runDone := make(chan error, 1)
 	go func() { runDone <- c.Run(runCtx) }()
-	defer func() {
-		stopClient()
-		if err := <-runDone; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
-
-	poll := func(what string, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(30 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out waiting for %s; client log:\n%s", what, logs.String())
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+	select {
+	case <-h.online:
+	case err := <-runDone:
+		t.Fatalf("Run ended before the session was welcomed: %v", err)
 	}
-	poll("the client to connect", func() bool { return strings.Contains(logs.String(), "msg=connected") })
 	stopServer()
 	if err := <-done; err != nil {
 		t.Fatalf("server: %v", err)
 	}
-	poll("the reconnect plan", func() bool { return strings.Contains(logs.String(), "msg=reconnecting") })
-	line := logs.String()[strings.Index(logs.String(), "msg=reconnecting"):]
-	line, _, _ = strings.Cut(line, "\n")
-	if !strings.Contains(line, "server_retry_delay=true") || !strings.Contains(line, "Unavailable") {
-		t.Errorf("the first reconnect did not follow the server's retry delay: %s", line)
+	if err := <-runDone; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	// The server suggests 1s to ShutdownRetryMax (10s by default); the
+	// client adds up to half again.
+	if len(*planned) != 1 || (*planned)[0] < time.Second || (*planned)[0] > 15*time.Second {
+		t.Fatalf("planned reconnects %v, want one of 1s to 15s as the server suggested", *planned)
 	}
 }
