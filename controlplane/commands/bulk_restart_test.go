@@ -207,9 +207,9 @@ func TestBulkContinuesAfterRestart(t *testing.T) {
 	if got := e1.waitBulk(b.BulkId); got.State != fleetv1.BulkState_BULK_STATE_FAILED || !strings.Contains(got.Message, "continues when the server starts again") {
 		t.Fatalf("bulk in the stopped process = %v", got)
 	}
-	if activeBulk(e1.hub.Snapshot(), b.BulkId) != nil {
-		t.Fatal("the stopped process's snapshot still lists the run")
-	}
+	waitUntil(t, "the stopped process's snapshot to drop the run", func() bool {
+		return activeBulk(e1.hub.Snapshot(), b.BulkId) == nil
+	})
 	stored := e1.storedBulk(b.BulkId)
 	if stored.Bulk.State != fleetv1.BulkState_BULK_STATE_RUNNING || !stored.Plan.Hosts["c"].Ended || stored.Plan.Hosts["b"].CommandID != bCmd ||
 		stored.Plan.Hosts["b"].Ended {
@@ -251,9 +251,10 @@ func TestBulkContinuesAfterRestart(t *testing.T) {
 	if got.State != fleetv1.BulkState_BULK_STATE_SUCCEEDED || got.FinishedAt == nil || !strings.Contains(got.Message, "4 host(s) succeeded") {
 		t.Fatalf("bulk after the restart = %v", got)
 	}
-	if activeBulk(e2.hub.Snapshot(), b.BulkId) != nil {
-		t.Fatal("the snapshot still lists the run after it ended")
-	}
+	// The end is published right after the run's state is set.
+	waitUntil(t, "the snapshot to drop the ended run", func() bool {
+		return activeBulk(e2.hub.Snapshot(), b.BulkId) == nil
+	})
 	rs := resultsByHost(got)
 	for _, id := range []string{"a", "b", "c", "d"} {
 		if c := rs[id].GetCommand(); c.GetState() != typesv1.CommandState_COMMAND_STATE_SUCCEEDED || c.GetBulkId() != b.BulkId {
