@@ -243,6 +243,8 @@ func newServer(ctx context.Context, cfg Config, st *store.SQLite) (*server, erro
 		// a stream after 5 minutes.
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, MaxConnectionIdle: 5 * time.Minute}),
 		grpc.MaxConcurrentStreams(250),
+		// Request headers as net/http bounds them (grpc-go allows 16 MiB).
+		grpc.MaxHeaderListSize(64<<10),
 		// Tens of thousands of mostly idle agent connections: a write
 		// buffer only while writing (docs/PERFORMANCE.md: smaller read and
 		// write buffers did not lower RSS).

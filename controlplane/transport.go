@@ -91,7 +91,12 @@ func splitPort(ln net.Listener, tlsCfg *tls.Config, m *connMetrics, log *slog.Lo
 	mux := cmux.New(root)
 	mux.SetReadTimeout(sniffTimeout)
 	p := &onePort{root: root, mux: mux}
-	handshake := func(w io.Writer, _ io.Reader) bool { return !tlsHandshakeFailed(w, log) }
+	handshake := func(w io.Writer, _ io.Reader) bool {
+		if pc, _ := w.(*portConn); pc != nil && pc.unusable {
+			return false // closed: see portConn.unusable
+		}
+		return !tlsHandshakeFailed(w, log)
+	}
 	p.grpc = &classListener{Listener: mux.MatchWithWriters(matchNativeGRPC), root: root, transport: transportGRPC, m: m}
 	p.http = &classListener{Listener: mux.MatchWithWriters(handshake), root: root, transport: transportHTTP, m: m}
 	// Connections that match neither (a failed TLS handshake) are closed;
@@ -183,9 +188,14 @@ type portConn struct {
 	// the client's acknowledgement of the SETTINGS frame the matcher sent
 	// (0: none sent).
 	settingsAckEnd int64
-	m              *connMetrics
-	transport      string
-	closed         atomic.Bool
+	// unusable: the matcher sent SETTINGS but the connection went to
+	// neither transport before the client acknowledged them (it sent no
+	// request within sniffTimeout, or too much): net/http could not take
+	// it over, so it is closed.
+	unusable  bool
+	m         *connMetrics
+	transport string
+	closed    atomic.Bool
 }
 
 func (c *portConn) Close() error {
@@ -275,7 +285,10 @@ func isNativeGRPC(ct string) bool {
 }
 
 // matchNativeGRPC is the cmux matcher of native gRPC connections: HTTP/2
-// with prior knowledge whose first request has a gRPC content-type.
+// with prior knowledge whose first request has a gRPC content-type and did
+// not come through a proxy. A proxy may pool one upstream connection for
+// every route — agents' gRPC, pages, REST — so its connections stay with
+// net/http, which serves all of them (gRPC through grpc.Server.ServeHTTP).
 //
 // gRPC clients send their first request only after the server's SETTINGS
 // frame, so the matcher answers the client's SETTINGS with an empty one (as
@@ -283,19 +296,31 @@ func isNativeGRPC(ct string) bool {
 // client's acknowledgement of it; for a connection that goes to net/http,
 // the matcher reads on until the acknowledgement and records where it is,
 // so that it can be removed from what net/http reads.
-func matchNativeGRPC(w io.Writer, r io.Reader) bool {
+func matchNativeGRPC(w io.Writer, r io.Reader) (grpc bool) {
 	cr := &countingReader{r: r}
 	if !cmux.HTTP2()(cr) {
 		return false
 	}
 	pc, _ := w.(*portConn)
+	var sentSettings, haveHeaders bool
+	var ackEnd int64
+	defer func() {
+		// A connection for net/http after our SETTINGS: it can take the
+		// connection over only once the acknowledgement is known.
+		if grpc || !sentSettings || pc == nil {
+			return
+		}
+		if ackEnd > 0 {
+			pc.settingsAckEnd = ackEnd
+		} else {
+			pc.unusable = true
+		}
+	}()
 	fr := http2.NewFramer(w, cr)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	// Until the server's own SETTINGS, a client may not send frames over
 	// the default maximum of 16 KiB.
 	fr.SetMaxReadFrameSize(64 << 10)
-	var sentSettings, haveHeaders, grpc bool
-	var ackEnd int64
 	for cr.n < sniffLimit {
 		f, err := fr.ReadFrame()
 		if err != nil {
@@ -317,14 +342,23 @@ func matchNativeGRPC(w io.Writer, r io.Reader) bool {
 		case *http2.MetaHeadersFrame:
 			if !haveHeaders {
 				haveHeaders = true
-				grpc = isNativeGRPC(headerValue(f, "content-type"))
+				grpc = isNativeGRPC(headerValue(f, "content-type")) && !proxied(f)
 			}
 		}
 		if haveHeaders && (grpc || !sentSettings || ackEnd > 0) {
-			if !grpc && pc != nil {
-				pc.settingsAckEnd = ackEnd
-			}
 			return grpc
+		}
+	}
+	return false
+}
+
+// proxied reports whether a request came through a proxy: it carries one of
+// the headers proxies add (agents and the CLI send none of them).
+func proxied(f *http2.MetaHeadersFrame) bool {
+	for _, hf := range f.RegularFields() {
+		switch hf.Name {
+		case "forwarded", "via", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip":
+			return true
 		}
 	}
 	return false
@@ -421,18 +455,17 @@ func (nativeCreds) OverrideServerName(string) error { return nil }
 // Calls over ServeHTTP never reach it; calls of the REST gateway keep the
 // facts the dispatcher set for their outside request.
 func (s *server) nativeCallFacts(ctx context.Context, info *tap.Info) (context.Context, error) {
-	p, _ := peer.FromContext(ctx)
-	if p == nil {
-		return ctx, nil
-	}
 	secure := false
-	switch p.AuthInfo.(type) {
-	case credentials.TLSInfo:
-		secure = true
-	case plainInfo:
-	default:
-		return ctx, nil
+	if p, _ := peer.FromContext(ctx); p != nil {
+		switch p.AuthInfo.(type) {
+		case inMemoryInfo:
+			return ctx, nil // the REST gateway forwards the dispatcher's facts
+		case credentials.TLSInfo:
+			secure = true
+		}
 	}
+	// Anything else is a connection of the port: never trust what the
+	// client sent under the server's own keys.
 	md := make(metadata.MD, len(info.Header)+3)
 	for k, v := range info.Header {
 		if !strings.HasPrefix(k, "x-nixplane-") {

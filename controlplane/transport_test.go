@@ -362,3 +362,40 @@ func TestPlainHTTPToTLSPort(t *testing.T) {
 		t.Fatalf("agent after a plain HTTP request: %v", err)
 	}
 }
+
+// TestProxyConnectionWhoseFirstCallIsGRPC: a proxy that pools one HTTP/2
+// upstream connection for every route may open it with an agent's gRPC
+// call; the pages and REST calls that follow on the same connection are
+// still served (the connection stays with net/http, which serves both).
+func TestProxyConnectionWhoseFirstCallIsGRPC(t *testing.T) {
+	e := startSecEnv(t, nil)
+	base := "http://" + e.addr
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
+	tr := &http.Transport{Protocols: &protos, MaxConnsPerHost: 1}
+	defer tr.CloseIdleConnections()
+	// Every request carries what a proxy adds.
+	client := &http.Client{Transport: roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+		r.Header.Set("X-Forwarded-For", "192.0.2.7")
+		return tr.RoundTrip(r)
+	})}
+	if st, _ := healthOverHTTP(t, client, base); st != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("gRPC first through the proxy: %v", st)
+	}
+	reused := false
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }})
+	req, _ := http.NewRequestWithContext(ctx, "GET", base+"/healthz", nil)
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !reused {
+		t.Fatalf("GET /healthz after a gRPC call on the same proxied connection: %d %q (connection reused: %v)", resp.StatusCode, body, reused)
+	}
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }

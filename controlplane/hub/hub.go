@@ -306,6 +306,11 @@ func (h *Hub) statusChanged(lh *liveHost) {
 func (h *Hub) AddHost(rec *fleetv1.Host, created time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if _, ok := h.hosts[rec.HostId]; ok {
+		// Already known (two sessions of a host added offline raced here):
+		// never replace a live host and its session.
+		return
+	}
 	lh := &liveHost{rec: rec, interval: h.cfg.DefaultInterval}
 	h.hosts[rec.HostId] = lh
 	h.recompute(lh)
