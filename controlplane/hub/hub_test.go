@@ -948,3 +948,17 @@ func TestUnchangedRecordPublishesNothing(t *testing.T) {
 		t.Fatalf("events after a no-op and a real change = %v, want only the change", b)
 	}
 }
+
+// TestAddHostKeepsALiveHost: adding a host the hub already knows (two
+// sessions of a host registered offline racing) keeps its live session.
+func TestAddHostKeepsALiveHost(t *testing.T) {
+	th := newTestHub(t, 0, "a")
+	th.connect(t, "a", 0)
+	th.AddHost(&fleetv1.Host{HostId: "a", Hostname: "a"}, th.clock.Now())
+	if h, _ := th.Host("a"); !h.Online {
+		t.Fatal("adding a known host replaced its live session")
+	}
+	if th.Conn("a") == nil {
+		t.Fatal("the live session is gone")
+	}
+}
