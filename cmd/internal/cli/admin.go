@@ -85,6 +85,22 @@ func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]strin
 
 func (b bearer) RequireTransportSecurity() bool { return b.secure }
 
+// fleet connects to --server (or NIXPLANE_SERVER) for the commands that
+// only work through a running server; close the connection when done.
+func (t *target) fleet(env Env) (fleetv1.FleetServiceClient, *grpc.ClientConn, error) {
+	if t.server == "" {
+		t.server = env.Getenv("NIXPLANE_SERVER")
+	}
+	if t.server == "" {
+		return nil, nil, usagef("give --server URL (or NIXPLANE_SERVER)")
+	}
+	c, err := t.conn()
+	if err != nil {
+		return nil, nil, err
+	}
+	return fleetv1.NewFleetServiceClient(c), c, nil
+}
+
 func (t *target) conn() (*grpc.ClientConn, error) {
 	tok := t.token
 	if t.tokenFile != "" {

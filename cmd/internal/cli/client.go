@@ -28,18 +28,11 @@ func client(ctx context.Context, cmd string, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	if t.server == "" {
-		t.server = env.Getenv("NIXPLANE_SERVER")
-	}
-	if t.server == "" {
-		return usagef("give --server URL (or NIXPLANE_SERVER)")
-	}
-	c, err := t.conn()
+	fc, c, err := t.fleet(env)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	fc := fleetv1.NewFleetServiceClient(c)
 	switch cmd {
 	case "status", "refresh":
 		if len(pos) != 1 {

@@ -26,15 +26,11 @@ func pr(ctx context.Context, cmd string, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	if t.server == "" {
-		return usagef("give --server URL (or NIXPLANE_SERVER)")
-	}
-	c, err := t.conn()
+	fc, c, err := t.fleet(env)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	fc := fleetv1.NewFleetServiceClient(c)
 	if cmd == "pr" {
 		if len(pos) != 0 {
 			return usagef("pr takes no arguments")
