@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nixplane/nixplane/controlplane/status"
 )
 
 // The documentation's runnable recipes. A recipe is marked by an HTML
@@ -890,7 +892,7 @@ sqlite3 "$B" 'PRAGMA integrity_check'`: {check: func(out string, e *docEnv) erro
 			if out != "ok\n" {
 				return fmt.Errorf("integrity check printed %q, want ok", out)
 			}
-			if c := s.Command(running); terminal(c.State) {
+			if c := s.Command(running); status.IsTerminal(c.State) {
 				t.Logf("the switch ended (%s) before the backup did; the backup still ran against a live server", c.State)
 			}
 			ms, _ := filepath.Glob(filepath.Join(backups, "nixplane-*.db"))
@@ -919,7 +921,7 @@ nixplane tokens revoke ci`: {check: func(out string, e *docEnv) error {
 			running = s.RunCommand("web-1", "switch").CommandId
 			waitFor(t, commandTimeout, func() (bool, string) {
 				c := s.Command(running)
-				return c.LineCount > 20 || terminal(c.State), fmt.Sprintf("switch %s has %d lines", running, c.LineCount)
+				return c.LineCount > 20 || status.IsTerminal(c.State), fmt.Sprintf("switch %s has %d lines", running, c.LineCount)
 			})
 		} else {
 			waitIdle(t, s)

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/nixplane/nixplane/controlplane/status"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
 )
@@ -492,24 +493,13 @@ func (s *Server) Command(id string) *fleetv1.Command {
 	return r.Command
 }
 
-// terminal reports whether a command state is final.
-func terminal(st typesv1.CommandState) bool {
-	switch st {
-	case typesv1.CommandState_COMMAND_STATE_BLOCKED, typesv1.CommandState_COMMAND_STATE_SUCCEEDED,
-		typesv1.CommandState_COMMAND_STATE_PARTIAL, typesv1.CommandState_COMMAND_STATE_FAILED,
-		typesv1.CommandState_COMMAND_STATE_STOPPED, typesv1.CommandState_COMMAND_STATE_TIMED_OUT:
-		return true
-	}
-	return false
-}
-
 // WaitCommand waits until a command ends and returns it.
 func (s *Server) WaitCommand(id string) *fleetv1.Command {
 	s.t.Helper()
 	var c *fleetv1.Command
 	waitFor(s.t, commandTimeout, func() (bool, string) {
 		c = s.Command(id)
-		return terminal(c.State), fmt.Sprintf("command %s (%s) is %s: %s", id, c.Command, c.State, c.Message)
+		return status.IsTerminal(c.State), fmt.Sprintf("command %s (%s) is %s: %s", id, c.Command, c.State, c.Message)
 	})
 	return c
 }

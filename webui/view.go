@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nixplane/nixplane/controlplane/status"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
 )
@@ -82,16 +83,6 @@ func hostname(h *fleetv1.Host) string {
 	return h.GetHostId()
 }
 
-func isTerminal(s typesv1.CommandState) bool {
-	switch s {
-	case typesv1.CommandState_COMMAND_STATE_BLOCKED, typesv1.CommandState_COMMAND_STATE_SUCCEEDED,
-		typesv1.CommandState_COMMAND_STATE_PARTIAL, typesv1.CommandState_COMMAND_STATE_FAILED,
-		typesv1.CommandState_COMMAND_STATE_STOPPED, typesv1.CommandState_COMMAND_STATE_TIMED_OUT:
-		return true
-	}
-	return false
-}
-
 func newHostView(h *fleetv1.Host, cmd *fleetv1.Command, pr *prView, serverVersion string, now time.Time) hostView {
 	v := hostView{
 		ID:       h.GetHostId(),
@@ -99,7 +90,7 @@ func newHostView(h *fleetv1.Host, cmd *fleetv1.Command, pr *prView, serverVersio
 		Online:   h.GetOnline(),
 		Agent:    h.GetAgentVersion(),
 	}
-	if cmd != nil && isTerminal(cmd.GetState()) {
+	if cmd != nil && status.IsTerminal(cmd.GetState()) {
 		cmd = nil
 	}
 	v.Busy = cmd != nil

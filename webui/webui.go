@@ -24,6 +24,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/nixplane/nixplane/controlplane/status"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	"google.golang.org/protobuf/encoding/protojson"
 )
@@ -216,7 +217,7 @@ func newDashboardView(d DashboardData, now time.Time) (*dashboardView, error) {
 			continue
 		}
 		cmd := h.GetRunningCommand()
-		if cmd == nil || isTerminal(cmd.GetState()) {
+		if cmd == nil || status.IsTerminal(cmd.GetState()) {
 			cmd = running[h.GetHostId()]
 		}
 		hv := newHostView(h, cmd, v.PR, snap.GetServerVersion(), now)

@@ -944,7 +944,7 @@ func (m *Manager) Follow(ctx context.Context, id string, afterSeq uint64, fn fun
 		if err != nil {
 			return nil, err
 		}
-		ended := hub.IsTerminal(c.State)
+		ended := status.IsTerminal(c.State)
 		for {
 			lines, err := m.cfg.Store.ReadLines(ctx, id, afterSeq, 1000)
 			if err != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/commands"
 	"github.com/nixplane/nixplane/controlplane/hub"
+	cpstatus "github.com/nixplane/nixplane/controlplane/status"
 	"github.com/nixplane/nixplane/controlplane/store"
 	"github.com/nixplane/nixplane/controlplane/validate"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
@@ -330,7 +331,7 @@ func (f *Fleet) ListCommands(ctx context.Context, req *fleetv1.ListCommandsReque
 	}
 	// Active commands: show their live state.
 	for i, c := range cmds {
-		if !hub.IsTerminal(c.State) {
+		if !cpstatus.IsTerminal(c.State) {
 			if live, err := f.Commands.Get(ctx, c.CommandId); err == nil {
 				cmds[i] = live
 			}

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/nixplane/nixplane/controlplane/status"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	typesv1 "github.com/nixplane/nixplane/gen/nixplane/types/v1"
@@ -94,7 +95,7 @@ func (p *page) command(ev *fleetv1.FleetEvent) {
 		return
 	}
 	cur := h.RunningCommand
-	if IsTerminal(c.State) {
+	if status.IsTerminal(c.State) {
 		if cur != nil && cur.CommandId == c.CommandId {
 			h.RunningCommand = nil
 		}

@@ -526,7 +526,7 @@ func (h *Hub) CommandChanged(c *fleetv1.Command) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	_, known := h.commands[c.CommandId]
-	terminal := IsTerminal(c.State)
+	terminal := status.IsTerminal(c.State)
 	var ev *fleetv1.FleetEvent
 	switch {
 	case terminal:
@@ -577,17 +577,6 @@ func (h *Hub) ActiveCommands() []*fleetv1.Command {
 		out = append(out, c)
 	}
 	return out
-}
-
-// IsTerminal reports whether a command state is final.
-func IsTerminal(s typesv1.CommandState) bool {
-	switch s {
-	case typesv1.CommandState_COMMAND_STATE_BLOCKED, typesv1.CommandState_COMMAND_STATE_SUCCEEDED,
-		typesv1.CommandState_COMMAND_STATE_PARTIAL, typesv1.CommandState_COMMAND_STATE_FAILED,
-		typesv1.CommandState_COMMAND_STATE_STOPPED, typesv1.CommandState_COMMAND_STATE_TIMED_OUT:
-		return true
-	}
-	return false
 }
 
 // SetTarget installs a new fleet target, recomputes every host's

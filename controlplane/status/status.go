@@ -236,3 +236,14 @@ func firstLine(s string) string {
 	}
 	return s
 }
+
+// IsTerminal reports whether a command state is final.
+func IsTerminal(s typesv1.CommandState) bool {
+	switch s {
+	case typesv1.CommandState_COMMAND_STATE_BLOCKED, typesv1.CommandState_COMMAND_STATE_SUCCEEDED,
+		typesv1.CommandState_COMMAND_STATE_PARTIAL, typesv1.CommandState_COMMAND_STATE_FAILED,
+		typesv1.CommandState_COMMAND_STATE_STOPPED, typesv1.CommandState_COMMAND_STATE_TIMED_OUT:
+		return true
+	}
+	return false
+}
