@@ -208,37 +208,36 @@ func (c *portConn) Close() error {
 // tlsConn is the TLS connection under c (nil: plain TCP, or not a
 // connection of the port).
 func tlsConn(c net.Conn) *tls.Conn {
-	for {
-		switch x := c.(type) {
-		case *tls.Conn:
-			return x
-		case *portConn:
-			c = x.Conn
-		case *cmux.MuxConn:
-			c = x.Conn
-		case *ackStripConn:
-			c = x.Conn
-		default:
-			return nil
+	for ; c != nil; c = wrapped(c) {
+		if tc, ok := c.(*tls.Conn); ok {
+			return tc
 		}
 	}
+	return nil
 }
 
 // fromPort is the *portConn under c, or nil for a connection that did not
 // come through the port (the gateway's in-memory connection).
 func fromPort(c net.Conn) *portConn {
-	for {
-		switch x := c.(type) {
-		case *portConn:
-			return x
-		case *cmux.MuxConn:
-			c = x.Conn
-		case *ackStripConn:
-			c = x.Conn
-		default:
-			return nil
+	for ; c != nil; c = wrapped(c) {
+		if pc, ok := c.(*portConn); ok {
+			return pc
 		}
 	}
+	return nil
+}
+
+// wrapped is the connection one of the port's wrappers wraps, or nil.
+func wrapped(c net.Conn) net.Conn {
+	switch x := c.(type) {
+	case *portConn:
+		return x.Conn
+	case *cmux.MuxConn:
+		return x.Conn
+	case *ackStripConn:
+		return x.Conn
+	}
+	return nil
 }
 
 // classListener hands out one class of connections and counts them. Closing
