@@ -157,3 +157,30 @@ func TestDemoMergeAndDeploy(t *testing.T) {
 		t.Fatalf("second merge-and-deploy: exit %d: %s", code, stderr)
 	}
 }
+
+// TestMergeAndDeployUsage: a missing, malformed or out-of-range PR number
+// and negative batch settings are usage errors, refused before any call.
+func TestMergeAndDeployUsage(t *testing.T) {
+	// Nothing listens here: a call that got through would fail as
+	// Unavailable (exit 1), not as a usage error (exit 2).
+	vars := map[string]string{"NIXPLANE_SERVER": "http://127.0.0.1:1", "NIXPLANE_TOKEN": "t"}
+	for _, args := range [][]string{
+		{"merge-and-deploy"},
+		{"merge-and-deploy", "abc"},
+		{"merge-and-deploy", "0"},
+		{"merge-and-deploy", "-3"},
+		{"merge-and-deploy", "99999999999"},
+		{"merge-and-deploy", "1", "2"},
+		{"merge-and-deploy", "1", "--batch-size", "-1"},
+		{"merge-and-deploy", "1", "--max-failures", "-1"},
+		{"pr", "1"},
+	} {
+		code, _, stderr := cliRun(context.Background(), vars, args...)
+		if code != ExitUsage || stderr == "" {
+			t.Errorf("%v: exit %d, stderr %q; want a usage error", args, code, stderr)
+		}
+	}
+	if code, _, stderr := cliRun(context.Background(), map[string]string{"NIXPLANE_TOKEN": "t"}, "merge-and-deploy", "1"); code != ExitUsage || !strings.Contains(stderr, "--server") {
+		t.Errorf("without a server: exit %d, stderr %q", code, stderr)
+	}
+}
