@@ -87,11 +87,8 @@ func (b bearer) RequireTransportSecurity() bool { return b.secure }
 
 // fleet connects to --server (or NIXPLANE_SERVER) for the commands that
 // only work through a running server; close the connection when done.
-func (t *target) fleet(env Env) (fleetv1.FleetServiceClient, *grpc.ClientConn, error) {
-	if t.server == "" {
-		t.server = env.Getenv("NIXPLANE_SERVER")
-	}
-	if t.server == "" {
+func (t *target) fleet() (fleetv1.FleetServiceClient, *grpc.ClientConn, error) {
+	if t.server == "" { // flags.parse has already read NIXPLANE_SERVER
 		return nil, nil, usagef("give --server URL (or NIXPLANE_SERVER)")
 	}
 	c, err := t.conn()

@@ -28,7 +28,7 @@ func client(ctx context.Context, cmd string, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	fc, c, err := t.fleet(env)
+	fc, c, err := t.fleet()
 	if err != nil {
 		return err
 	}

@@ -26,7 +26,7 @@ func pr(ctx context.Context, cmd string, args []string, env Env) error {
 	if err != nil {
 		return err
 	}
-	fc, c, err := t.fleet(env)
+	fc, c, err := t.fleet()
 	if err != nil {
 		return err
 	}
