@@ -442,9 +442,11 @@ func (h *Hub) Heartbeat(c *Conn, hb *agentv1.Heartbeat) *fleetv1.Host {
 	lh.lastSeen = now
 	lh.seenDirty = true
 	lh.metrics = hb.Metrics
-	h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostHeartbeat{HostHeartbeat: &fleetv1.HostHeartbeat{
-		HostId: c.HostID, LastSeen: timestamppb.New(now), Metrics: hb.Metrics, RunningCommandId: hb.RunningCommandId, SentAt: hb.SentAt,
-	}}})
+	if len(h.watchers) > 0 { // no page open: no event to build
+		h.publish(&fleetv1.FleetEvent{Kind: &fleetv1.FleetEvent_HostHeartbeat{HostHeartbeat: &fleetv1.HostHeartbeat{
+			HostId: c.HostID, LastSeen: timestamppb.New(now), Metrics: hb.Metrics, RunningCommandId: hb.RunningCommandId, SentAt: hb.SentAt,
+		}}})
+	}
 	if (hb.Generation != "" && hb.Generation != lh.rec.Generation) || hb.LockHash != lh.rec.LockHash {
 		rec := proto.Clone(lh.rec).(*fleetv1.Host)
 		if hb.Generation != "" && hb.Generation != rec.Generation {
