@@ -384,34 +384,47 @@ func (c *Client) session(ctx context.Context) (welcomed bool, err error) {
 	defer cancel()
 	sctx = metadata.AppendToOutgoingContext(sctx, "authorization", "Bearer "+token)
 	welcomeTimer := time.AfterFunc(c.cfg.WelcomeTimeout, cancel)
-	stopEarly := context.AfterFunc(ctx, cancel)
+
+	// A shutdown before the server has the Hello cancels the stream; once
+	// the Hello is sent it half-closes the stream instead (bounded by
+	// DrainTimeout), so the server sees an orderly end and not a cancelled
+	// stream. helloMu orders the shutdown against the Hello's Send, so a
+	// shutdown racing the Send never cancels a stream the server accepted.
+	var (
+		helloMu   sync.Mutex
+		helloSent bool
+		stream    agentv1.AgentService_ConnectClient
+	)
+	stopEarly := context.AfterFunc(ctx, func() {
+		helloMu.Lock()
+		defer helloMu.Unlock()
+		if !helloSent {
+			cancel()
+			return
+		}
+		_ = stream.CloseSend()
+		time.AfterFunc(c.cfg.DrainTimeout, cancel)
+	})
 	defer func() { stopEarly() }()
 
-	stream, err := agentv1.NewAgentServiceClient(conn).Connect(sctx)
+	stream, err = agentv1.NewAgentServiceClient(conn).Connect(sctx)
 	if err != nil {
 		welcomeTimer.Stop()
 		return false, c.explain(err)
 	}
 	hello := c.h.Hello(ctx)
 	hello.LastResult = c.outbox.helloResult()
-	if err := stream.Send(&agentv1.ConnectRequest{Msg: &agentv1.ConnectRequest_Hello{Hello: hello}}); err != nil {
+	helloMu.Lock()
+	err = stream.Send(&agentv1.ConnectRequest{Msg: &agentv1.ConnectRequest_Hello{Hello: hello}})
+	helloSent = err == nil
+	helloMu.Unlock()
+	if err != nil {
 		if errors.Is(err, io.EOF) {
 			_, err = stream.Recv()
 		}
 		welcomeTimer.Stop()
 		return false, c.explain(err)
 	}
-	// The server has the Hello: from here a shutdown half-closes the stream
-	// (bounded by DrainTimeout), so the server sees an orderly end and not
-	// a cancelled stream.
-	if !stopEarly() {
-		welcomeTimer.Stop()
-		return false, nil
-	}
-	stopEarly = context.AfterFunc(ctx, func() {
-		_ = stream.CloseSend()
-		time.AfterFunc(c.cfg.DrainTimeout, cancel)
-	})
 	first, err := stream.Recv()
 	welcomeTimer.Stop()
 	if err != nil {
