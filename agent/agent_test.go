@@ -612,10 +612,13 @@ func TestResultFinishedWhileDisconnectedGoesInTheNextHello(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(e.dir, "go"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// The agent logs "command finished" just before it queues the result,
+	// so the file is waited for, not read once.
 	fakeserver.Eventually(t, wait, "the switch to finish", func() bool { return e.logs.count("command finished") > 0 })
-	if _, err := os.Stat(filepath.Join(e.cfg.StateDir, pendingResultFile)); err != nil {
-		t.Errorf("the unsent result is not kept on disk: %v", err)
-	}
+	fakeserver.Eventually(t, wait, "the unsent result to be kept on disk", func() bool {
+		_, err := os.Stat(filepath.Join(e.cfg.StateDir, pendingResultFile))
+		return err == nil
+	})
 	e.srv = fakeserver.Start(t, addr, token)
 	fakeserver.Eventually(t, wait, "reconnect", func() bool { return e.srv.Last() != nil })
 	c2 := e.srv.Last()
