@@ -17,8 +17,10 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/nixplane/nixplane/controlplane/agentapi"
 	"github.com/nixplane/nixplane/controlplane/auth"
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
+	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 	"github.com/nixplane/nixplane/gen/openapi"
 	"github.com/nixplane/nixplane/webui"
@@ -126,6 +128,9 @@ func (s *server) routes(gw http.Handler) http.Handler {
 		r.Header.Set("X-Nixplane-Host", r.Host)
 		if r.TLS != nil || (s.cfg.TrustProxyHeaders && r.Header.Get("X-Forwarded-Proto") == "https") {
 			r.Header.Set("X-Nixplane-Secure", "1")
+		}
+		if r.URL.Path == agentv1.AgentService_Connect_FullMethodName {
+			r = r.WithContext(agentapi.CancellableStream(r.Context()))
 		}
 		ct := r.Header.Get("Content-Type")
 		switch {

@@ -20,7 +20,9 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/tap"
 
+	"github.com/nixplane/nixplane/controlplane/agentapi"
 	"github.com/nixplane/nixplane/controlplane/auth"
+	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 )
 
 // The one port serves two HTTP/2 stacks. A connection whose first request is
@@ -454,6 +456,9 @@ func (nativeCreds) OverrideServerName(string) error { return nil }
 // Calls over ServeHTTP never reach it; calls of the REST gateway keep the
 // facts the dispatcher set for their outside request.
 func (s *server) nativeCallFacts(ctx context.Context, info *tap.Info) (context.Context, error) {
+	if info.FullMethodName == agentv1.AgentService_Connect_FullMethodName {
+		ctx = agentapi.CancellableStream(ctx)
+	}
 	secure := false
 	if p, _ := peer.FromContext(ctx); p != nil {
 		switch p.AuthInfo.(type) {

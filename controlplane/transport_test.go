@@ -399,3 +399,64 @@ func TestProxyConnectionWhoseFirstCallIsGRPC(t *testing.T) {
 type roundTripperFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestServerEndsAgentStreamsOnBothTransports: the server ends an agent's
+// stream with the reason's code on grpc-go's transport and on net/http's
+// (a proxied connection): a session replaced by a newer one gets Aborted,
+// a removed host's session PermissionDenied — while the agent is silent.
+func TestServerEndsAgentStreamsOnBothTransports(t *testing.T) {
+	e := startSecEnv(t, nil)
+	hc := &http.Client{Transport: &http.Transport{}}
+	defer hc.CloseIdleConnections()
+	base, tok := "http://"+e.addr, e.api["admin"]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	open := func(host string, proxied bool) agentv1.AgentService_ConnectClient {
+		t.Helper()
+		conn, err := session.Dial(session.Config{Server: base, Interval: 5 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		sctx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+e.agent[host])
+		if proxied {
+			sctx = metadata.AppendToOutgoingContext(sctx, "x-forwarded-for", "192.0.2.7")
+		}
+		s, err := agentv1.NewAgentServiceClient(conn).Connect(sctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Send(&agentv1.ConnectRequest{Msg: &agentv1.ConnectRequest_Hello{Hello: &agentv1.Hello{Hostname: host, AgentVersion: "1.0.0"}}}); err != nil {
+			t.Fatal(err)
+		}
+		if m, err := s.Recv(); err != nil || m.GetWelcome() == nil {
+			t.Fatalf("%s (proxied %v): %v %v, want a welcome", host, proxied, m, err)
+		}
+		return s
+	}
+	for _, proxied := range []bool{false, true} {
+		httpBefore := portMetric(t, hc, base, tok, "nixplane_connections_total", "http")
+		first := open("m-1", proxied)
+		if got := portMetric(t, hc, base, tok, "nixplane_connections_total", "http"); proxied != (got > httpBefore) {
+			t.Fatalf("proxied %v: HTTP connections went from %v to %v", proxied, httpBefore, got)
+		}
+		open("m-1", !proxied)
+		if _, err := first.Recv(); status.Code(err) != codes.Aborted {
+			t.Errorf("proxied %v: replaced session ended with %v, want Aborted", proxied, err)
+		}
+	}
+	for _, tc := range []struct {
+		host    string
+		proxied bool
+	}{{"m-2", false}, {"m-3", true}} {
+		s := open(tc.host, tc.proxied)
+		fc := fleetv1.NewFleetServiceClient(e.conn)
+		if _, err := fc.RemoveHost(e.grpcCtx(ctx, credAdmin), &fleetv1.RemoveHostRequest{HostId: tc.host, Force: true}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Recv(); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("proxied %v: removed host's session ended with %v, want PermissionDenied", tc.proxied, err)
+		}
+	}
+}

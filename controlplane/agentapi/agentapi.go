@@ -11,9 +11,11 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -66,16 +68,99 @@ func (s *streamSender) Send(m *agentv1.ConnectResponse) error {
 	return s.s.Send(m)
 }
 
+// streamCancelKey keys the streamEnd of an agent stream's context.
+type streamCancelKey struct{}
+
+// streamEnd ends an agent stream: the cancellation of its context, and the
+// first cause given (grpc-go cancels the context itself once a status is
+// written, so the context's own cause may be just "canceled").
+type streamEnd struct {
+	cancel context.CancelCauseFunc
+	cause  atomic.Pointer[error]
+}
+
+// why is the first cause the server gave, else the context's.
+func (e *streamEnd) why(ctx context.Context) error {
+	if c := e.cause.Load(); c != nil {
+		return *c
+	}
+	return context.Cause(ctx)
+}
+
+// CancellableStream derives the context of an AgentService.Connect stream
+// so that the server can end the stream from outside its receive loop: a
+// transport hands the returned context to the stream (grpc.InTapHandle for
+// native connections, the request's context for grpc.Server.ServeHTTP), and
+// Connect cancels it — with the reason as the cause — to make a blocked
+// Recv return. That keeps one goroutine per agent: the handler receives,
+// and nothing else waits beside it.
+func CancellableStream(ctx context.Context) context.Context {
+	ctx, cancel := context.WithCancelCause(ctx)
+	return context.WithValue(ctx, streamCancelKey{}, &streamEnd{cancel: cancel})
+}
+
+// statusWriter is what grpc-go's server stream (the ServerTransportStream
+// in a handler's context) offers to end a stream with a status. grpc-go
+// answers a Recv ended by its context with Canceled at once, so a session
+// the server ends writes its own status first; the stream is then done and
+// later statuses are dropped.
+type statusWriter interface {
+	WriteStatus(*status.Status) error
+}
+
+// ending ends the stream of ctx for cause: the status that tells the agent
+// why, then the cancellation that makes the handler's Recv return.
+func (s *Server) ending(ctx context.Context, e *streamEnd) context.CancelCauseFunc {
+	w, _ := grpc.ServerTransportStreamFromContext(ctx).(statusWriter)
+	return func(cause error) {
+		if cause == nil || !e.cause.CompareAndSwap(nil, &cause) {
+			e.cancel(cause)
+			return
+		}
+		if st, _ := s.endStatus(cause); st != nil && w != nil {
+			_ = w.WriteStatus(st)
+		}
+		e.cancel(cause)
+	}
+}
+
+// endStatus is the status and the logged reason of a session the server
+// ends for cause; nil when cause is not the server's.
+func (s *Server) endStatus(cause error) (*status.Status, string) {
+	switch {
+	case errors.Is(cause, hub.ErrReplaced):
+		return status.New(codes.Aborted, "replaced by a newer connection for this host"), "replaced"
+	case errors.Is(cause, hub.ErrHeartbeatTimeout):
+		return status.New(codes.DeadlineExceeded, "no heartbeat within three intervals"), "heartbeat timeout"
+	case errors.Is(cause, hub.ErrRemoved):
+		return status.New(codes.PermissionDenied, "host removed or token revoked"), "token revoked"
+	case errors.Is(cause, hub.ErrShutdown):
+		return s.shutdownStatus(), "server shutting down"
+	case errors.Is(cause, errNoHello):
+		return status.New(codes.DeadlineExceeded, "no hello received"), "no hello"
+	}
+	return nil, ""
+}
+
+// errNoHello cancels a stream whose first message did not come in time.
+var errNoHello = errors.New("no hello received")
+
 // Connect serves one agent session.
 func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 	id := auth.FromContext(stream.Context())
 	if id == nil || id.Kind != auth.KindAgent {
 		return status.Error(codes.PermissionDenied, "only agents may connect")
 	}
-	ctx, cancel := context.WithCancelCause(stream.Context())
-	defer cancel(nil)
+	ctx := stream.Context()
+	ender, ok := ctx.Value(streamCancelKey{}).(*streamEnd)
+	if !ok {
+		s.logger().Error("AgentService.Connect served without agentapi.CancellableStream")
+		return status.Error(codes.Internal, "agent streams are not set up on this server")
+	}
+	defer ender.cancel(nil)
+	end := s.ending(ctx, ender)
 
-	hello, err := s.recvHello(ctx, stream)
+	hello, err := s.recvHello(ctx, stream, ender, end)
 	if err != nil {
 		return err
 	}
@@ -86,19 +171,19 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	sender := &streamSender{s: stream}
-	conn, rec, err := s.Hub.Connect(id.Name, hello, sender, cancel)
+	conn, rec, err := s.Hub.Connect(id.Name, hello, sender, end)
 	if errors.Is(err, hub.ErrUnknownHost) {
 		// Registered offline (nixplane hosts add --data-dir) while the
 		// server ran: the token matched, so the host is in the store.
 		if h, gerr := s.Hosts.GetHost(ctx, id.Name); gerr == nil {
 			s.Hub.AddHost(h.Record, h.CreatedAt)
-			conn, rec, err = s.Hub.Connect(id.Name, hello, sender, cancel)
+			conn, rec, err = s.Hub.Connect(id.Name, hello, sender, end)
 		}
 	}
 	if errors.Is(err, hub.ErrUnknownHost) {
 		return status.Error(codes.PermissionDenied, "host was removed")
 	} else if errors.Is(err, hub.ErrShutdown) {
-		return s.shutdownStatus()
+		return s.shutdownStatus().Err()
 	} else if err != nil {
 		return status.Error(codes.Internal, "register session")
 	}
@@ -121,59 +206,40 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 	}
 	s.Commands.HandleHello(ctx, id.Name, hello)
 
-	// The receive loop handles messages itself, in order; this goroutine only
-	// waits for the session to end one way or the other.
-	recvErr := make(chan error, 1)
-	go func() {
-		for {
-			m, err := stream.Recv()
-			if err == nil && ctx.Err() == nil {
-				err = s.handle(ctx, conn, m)
-			}
-			if err != nil {
-				recvErr <- err
-				return
-			}
-		}
-	}()
+	// Messages are handled here, in order. The hub ends the session by
+	// cancelling the stream's context with the reason, which makes Recv
+	// return.
 	for {
-		select {
-		case <-ctx.Done():
-			cause := context.Cause(ctx)
-			switch {
-			case errors.Is(cause, hub.ErrReplaced):
-				reason = "replaced"
-				return status.Error(codes.Aborted, "replaced by a newer connection for this host")
-			case errors.Is(cause, hub.ErrHeartbeatTimeout):
-				reason = "heartbeat timeout"
-				return status.Error(codes.DeadlineExceeded, "no heartbeat within three intervals")
-			case errors.Is(cause, hub.ErrRemoved):
-				reason = "token revoked"
-				return status.Error(codes.PermissionDenied, "host removed or token revoked")
-			case errors.Is(cause, hub.ErrShutdown):
-				reason = "server shutting down"
-				return s.shutdownStatus()
-			}
-			return status.FromContextError(ctx.Err()).Err()
-		case err := <-recvErr:
-			if errors.Is(err, io.EOF) {
-				log.Info("agent closed its stream")
-				return nil
-			}
-			if _, ok := status.FromError(err); ok && status.Code(err) == codes.InvalidArgument {
-				log.Warn("agent sent a bad message", "err", err)
-			} else {
-				log.Info("agent stream ended", "err", err)
-			}
-			return err
+		m, err := stream.Recv()
+		if err == nil && ctx.Err() == nil {
+			err = s.handle(ctx, conn, m)
 		}
+		if err == nil && ctx.Err() == nil {
+			continue
+		}
+		if st, why := s.endStatus(ender.why(ctx)); st != nil {
+			reason = why
+			return st.Err()
+		}
+		switch {
+		case err == nil:
+			return status.FromContextError(ctx.Err()).Err()
+		case errors.Is(err, io.EOF):
+			log.Info("agent closed its stream")
+			return nil
+		case status.Code(err) == codes.InvalidArgument:
+			log.Warn("agent sent a bad message", "err", err)
+		default:
+			log.Info("agent stream ended", "err", err)
+		}
+		return err
 	}
 }
 
 // shutdownStatus is the answer while the server stops: Unavailable with a
 // google.rpc.RetryInfo suggesting a random delay, which spreads the
 // reconnects of a large fleet over the next seconds.
-func (s *Server) shutdownStatus() error {
+func (s *Server) shutdownStatus() *status.Status {
 	most := s.ShutdownRetryMax
 	if most <= 0 {
 		most = 10 * time.Second
@@ -186,37 +252,28 @@ func (s *Server) shutdownStatus() error {
 	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(delay)}); err == nil {
 		st = d
 	}
-	return st.Err()
+	return st
 }
 
-func (s *Server) recvHello(ctx context.Context, stream agentv1.AgentService_ConnectServer) (*agentv1.Hello, error) {
+func (s *Server) recvHello(ctx context.Context, stream agentv1.AgentService_ConnectServer, ender *streamEnd, end context.CancelCauseFunc) (*agentv1.Hello, error) {
 	wait := s.HelloTimeout
 	if wait <= 0 {
 		wait = 10 * time.Second
 	}
-	type res struct {
-		m   *agentv1.ConnectRequest
-		err error
+	timer := time.AfterFunc(wait, func() { end(errNoHello) })
+	m, err := stream.Recv()
+	if !timer.Stop() && errors.Is(ender.why(ctx), errNoHello) {
+		st, _ := s.endStatus(errNoHello)
+		return nil, st.Err()
 	}
-	ch := make(chan res, 1)
-	go func() { m, err := stream.Recv(); ch <- res{m, err} }()
-	timer := time.NewTimer(wait)
-	defer timer.Stop()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			return nil, r.err
-		}
-		h := r.m.GetHello()
-		if h == nil {
-			return nil, status.Error(codes.InvalidArgument, "the first message must be a hello")
-		}
-		return h, nil
-	case <-timer.C:
-		return nil, status.Error(codes.DeadlineExceeded, "no hello received")
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if err != nil {
+		return nil, err
 	}
+	h := m.GetHello()
+	if h == nil {
+		return nil, status.Error(codes.InvalidArgument, "the first message must be a hello")
+	}
+	return h, nil
 }
 
 func (s *Server) handle(ctx context.Context, conn *hub.Conn, m *agentv1.ConnectRequest) error {

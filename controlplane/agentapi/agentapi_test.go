@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/nixplane/nixplane/controlplane/auth"
@@ -49,6 +50,18 @@ type testServer struct {
 // token would make it.
 func newTestServer(t *testing.T, hosts ...string) *testServer {
 	t.Helper()
+	return newTestServerWith(t, testOptions{tap: true}, hosts...)
+}
+
+// testOptions vary the test server: tap serves Connect with
+// CancellableStream as the real server does; helloTimeout bounds the hello.
+type testOptions struct {
+	tap          bool
+	helloTimeout time.Duration
+}
+
+func newTestServerWith(t *testing.T, opts testOptions, hosts ...string) *testServer {
+	t.Helper()
 	ctx := context.Background()
 	sq, err := store.Open(ctx, filepath.Join(t.TempDir(), "nixplane.db"), store.WithLogger(quietLog))
 	if err != nil {
@@ -69,15 +82,21 @@ func newTestServer(t *testing.T, hosts ...string) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer(grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	sopts := []grpc.ServerOption{grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		md, _ := metadata.FromIncomingContext(ss.Context())
 		var id *auth.Identity
 		if v := md.Get("x-test-host"); len(v) == 1 {
 			id = &auth.Identity{Kind: auth.KindAgent, Name: v[0]}
 		}
 		return handler(srv, &identityStream{ServerStream: ss, ctx: auth.WithIdentity(ss.Context(), id)})
-	}))
-	agentv1.RegisterAgentServiceServer(gs, &Server{Hub: hb, Commands: cm, Hosts: st, ServerVersion: "1.0.0", Log: quietLog})
+	})}
+	if opts.tap {
+		sopts = append(sopts, grpc.InTapHandle(func(ctx context.Context, _ *tap.Info) (context.Context, error) {
+			return CancellableStream(ctx), nil
+		}))
+	}
+	gs := grpc.NewServer(sopts...)
+	agentv1.RegisterAgentServiceServer(gs, &Server{Hub: hb, Commands: cm, Hosts: st, ServerVersion: "1.0.0", HelloTimeout: opts.helloTimeout, Log: quietLog})
 	ln := bufconn.Listen(1 << 20)
 	go func() { _ = gs.Serve(ln) }()
 	t.Cleanup(gs.Stop)
@@ -196,5 +215,63 @@ func TestConnectAfterCloseAllIsUnavailable(t *testing.T) {
 	}
 	if ts.hub.Conn("web-2") != nil {
 		t.Fatal("a host was registered after CloseAll")
+	}
+}
+
+// TestHubEndsSilentSessions: the hub ends a session whose agent sends
+// nothing — replaced by a newer connection, or its host removed — and the
+// stream ends at once with the reason's code, though the handler was
+// blocked receiving.
+func TestHubEndsSilentSessions(t *testing.T) {
+	ts := newTestServer(t, "web-1", "web-2")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	old, err := ts.session(t, ctx, &agentv1.Hello{Hostname: "web-1", AgentVersion: "1.0.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ts.session(t, ctx, &agentv1.Hello{Hostname: "web-1", AgentVersion: "1.0.0"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := old.Recv(); status.Code(err) != codes.Aborted {
+		t.Fatalf("replaced session ended with %v, want Aborted", err)
+	}
+	gone, err := ts.session(t, ctx, &agentv1.Hello{Hostname: "web-2", AgentVersion: "1.0.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.hub.RemoveHost("web-2")
+	if _, err := gone.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("removed host's session ended with %v, want PermissionDenied", err)
+	}
+	ts.waitOffline(t, "web-2")
+}
+
+// TestHelloTimeout: a stream that sends no hello is ended with
+// DeadlineExceeded once HelloTimeout passes, and registers nothing.
+func TestHelloTimeout(t *testing.T) {
+	ts := newTestServerWith(t, testOptions{tap: true, helloTimeout: 50 * time.Millisecond}, "web-1")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stream, err := agentv1.NewAgentServiceClient(ts.conn).Connect(metadata.AppendToOutgoingContext(ctx, "x-test-host", "web-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("silent stream ended with %v, want DeadlineExceeded", err)
+	}
+	if ts.hub.Conn("web-1") != nil {
+		t.Fatal("a host was registered without a hello")
+	}
+}
+
+// TestConnectNeedsCancellableStream: served without CancellableStream,
+// Connect refuses with Internal instead of running a session it could not
+// end.
+func TestConnectNeedsCancellableStream(t *testing.T) {
+	ts := newTestServerWith(t, testOptions{}, "web-1")
+	_, err := ts.session(t, context.Background(), &agentv1.Hello{Hostname: "web-1", AgentVersion: "1.0.0"})
+	if status.Code(err) != codes.Internal {
+		t.Fatalf("Connect without the tap: %v, want Internal", err)
 	}
 }
