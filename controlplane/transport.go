@@ -512,6 +512,9 @@ func connTLS(ctx context.Context) *tls.ConnectionState {
 const (
 	nativeStreamWindow = 256 << 10
 	nativeConnWindow   = 1 << 20
+	// nativeBufferSize is the read and the (shared) write buffer of a
+	// native connection, as net/http's HTTP/2 server has them.
+	nativeBufferSize = 4 << 10
 )
 
 // stopGRPC stops the gRPC server. GracefulStop comes first: native

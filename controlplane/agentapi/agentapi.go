@@ -145,12 +145,13 @@ func (s *Server) endStatus(cause error) (*status.Status, string) {
 // errNoHello cancels a stream whose first message did not come in time.
 var errNoHello = errors.New("no hello received")
 
-// Connect serves one agent session.
+// Connect serves one agent session: open registers it, serve handles what
+// the agent sends until the session ends, close unregisters it. They are
+// separate functions so that the frames left on the stack while the
+// session waits for the next message are small — tens of thousands of
+// sessions wait at once, and a goroutine's stack shrinks only to four times
+// what it uses.
 func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
-	id := auth.FromContext(stream.Context())
-	if id == nil || id.Kind != auth.KindAgent {
-		return status.Error(codes.PermissionDenied, "only agents may connect")
-	}
 	ctx := stream.Context()
 	ender, ok := ctx.Value(streamCancelKey{}).(*streamEnd)
 	if !ok {
@@ -158,17 +159,37 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 		return status.Error(codes.Internal, "agent streams are not set up on this server")
 	}
 	defer ender.cancel(nil)
-	end := s.ending(ctx, ender)
-
-	hello, err := s.recvHello(ctx, stream, ender, end)
+	sess, err := s.open(ctx, stream, ender)
 	if err != nil {
 		return err
 	}
+	defer s.close(sess)
+	return s.serve(ctx, stream, ender, sess)
+}
+
+// session is one agent's registered stream.
+type session struct {
+	conn   *hub.Conn
+	reason string // why it ended, for the hub's offline event
+}
+
+// open receives and checks the hello, registers the session with the hub,
+// stores the host record if the hello changed it, and welcomes the agent.
+func (s *Server) open(ctx context.Context, stream agentv1.AgentService_ConnectServer, ender *streamEnd) (*session, error) {
+	id := auth.FromContext(ctx)
+	if id == nil || id.Kind != auth.KindAgent {
+		return nil, status.Error(codes.PermissionDenied, "only agents may connect")
+	}
+	end := s.ending(ctx, ender)
+	hello, err := s.recvHello(ctx, stream, ender, end)
+	if err != nil {
+		return nil, err
+	}
 	if hello.Hostname != id.Name {
-		return status.Errorf(codes.PermissionDenied, "this token belongs to host %q, not %q", id.Name, validate.Printable(hello.Hostname, 64))
+		return nil, status.Errorf(codes.PermissionDenied, "this token belongs to host %q, not %q", id.Name, validate.Printable(hello.Hostname, 64))
 	}
 	if err := validate.Hello(hello); err != nil {
-		return status.Error(codes.InvalidArgument, err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	sender := &streamSender{s: stream}
 	conn, rec, err := s.Hub.Connect(id.Name, hello, sender, end)
@@ -181,59 +202,78 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 		}
 	}
 	if errors.Is(err, hub.ErrUnknownHost) {
-		return status.Error(codes.PermissionDenied, "host was removed")
+		return nil, status.Error(codes.PermissionDenied, "host was removed")
 	} else if errors.Is(err, hub.ErrShutdown) {
-		return s.shutdownStatus().Err()
+		return nil, s.shutdownStatus().Err()
 	} else if err != nil {
-		return status.Error(codes.Internal, "register session")
+		return nil, status.Error(codes.Internal, "register session")
 	}
-	log := s.logger().With("host", id.Name)
-	log.Info("agent connected", "version", hello.AgentVersion, "generation", hello.Generation)
+	// The host is named in each line rather than through log.With, whose
+	// copy each of tens of thousands of sessions would keep.
+	log := s.logger()
+	log.Info("agent connected", "host", id.Name, "version", hello.AgentVersion, "generation", hello.Generation)
 	if s.Metrics != nil {
 		s.Metrics.Connected(1)
-		defer s.Metrics.Connected(-1)
 	}
-	reason := "stream closed"
-	defer func() { s.Hub.Disconnect(conn, reason); s.Commands.HandleDisconnect(id.Name) }()
+	sess := &session{conn: conn, reason: "stream closed"}
 	if conn.RecordChanged() {
 		if err := s.Hosts.UpdateHostRecord(ctx, id.Name, commands.Durable(rec)); err != nil {
-			log.Warn("store host after hello", "err", err)
+			log.Warn("store host after hello", "host", id.Name, "err", err)
 		}
 	}
 	if err := sender.Send(&agentv1.ConnectResponse{Msg: &agentv1.ConnectResponse_Welcome{Welcome: &agentv1.Welcome{
 		HostId: id.Name, ServerVersion: s.ServerVersion, HeartbeatInterval: durationpb.New(0)}}}); err != nil {
-		return err
+		s.close(sess)
+		return nil, err
 	}
 	s.Commands.HandleHello(ctx, id.Name, hello)
+	return sess, nil
+}
 
-	// Messages are handled here, in order. The hub ends the session by
-	// cancelling the stream's context with the reason, which makes Recv
-	// return.
+// close unregisters a session opened by open.
+func (s *Server) close(sess *session) {
+	if s.Metrics != nil {
+		s.Metrics.Connected(-1)
+	}
+	s.Hub.Disconnect(sess.conn, sess.reason)
+	s.Commands.HandleDisconnect(sess.conn.HostID)
+}
+
+// serve handles the agent's messages, in order, until the stream ends. The
+// hub ends a session by cancelling the stream's context with the reason,
+// which makes Recv return.
+func (s *Server) serve(ctx context.Context, stream agentv1.AgentService_ConnectServer, ender *streamEnd, sess *session) error {
 	for {
 		m, err := stream.Recv()
 		if err == nil && ctx.Err() == nil {
-			err = s.handle(ctx, conn, m)
+			err = s.handle(ctx, sess.conn, m)
 		}
 		if err == nil && ctx.Err() == nil {
 			continue
 		}
-		if st, why := s.endStatus(ender.why(ctx)); st != nil {
-			reason = why
-			return st.Err()
-		}
-		switch {
-		case err == nil:
-			return status.FromContextError(ctx.Err()).Err()
-		case errors.Is(err, io.EOF):
-			log.Info("agent closed its stream")
-			return nil
-		case status.Code(err) == codes.InvalidArgument:
-			log.Warn("agent sent a bad message", "err", err)
-		default:
-			log.Info("agent stream ended", "err", err)
-		}
-		return err
+		return s.ended(ctx, ender, sess, err)
 	}
+}
+
+// ended is the status a session ends with, and logs why.
+func (s *Server) ended(ctx context.Context, ender *streamEnd, sess *session, err error) error {
+	if st, why := s.endStatus(ender.why(ctx)); st != nil {
+		sess.reason = why
+		return st.Err()
+	}
+	host := sess.conn.HostID
+	switch {
+	case err == nil:
+		return status.FromContextError(ctx.Err()).Err()
+	case errors.Is(err, io.EOF):
+		s.logger().Info("agent closed its stream", "host", host)
+		return nil
+	case status.Code(err) == codes.InvalidArgument:
+		s.logger().Warn("agent sent a bad message", "host", host, "err", err)
+	default:
+		s.logger().Info("agent stream ended", "host", host, "err", err)
+	}
+	return err
 }
 
 // shutdownStatus is the answer while the server stops: Unavailable with a

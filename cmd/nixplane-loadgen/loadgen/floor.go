@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -68,6 +69,12 @@ func (f *FloorServer) Connect(stream agentv1.AgentService_ConnectServer) error {
 func (f *FloorServer) ServeMetrics(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	fmt.Fprintf(w, "nixplane_heartbeats_total %d\nnixplane_agents_connected %d\n", f.heartbeats.Load(), f.connected.Load())
+	// The Go runtime's series the server's /metrics has too, for the
+	// report's memory breakdown.
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	fmt.Fprintf(w, "go_goroutines %d\ngo_memstats_stack_inuse_bytes %d\ngo_memstats_heap_inuse_bytes %d\ngo_memstats_heap_idle_bytes %d\ngo_memstats_heap_released_bytes %d\n",
+		runtime.NumGoroutine(), ms.StackInuse, ms.HeapInuse, ms.HeapIdle, ms.HeapReleased)
 }
 
 // ServeFloor serves f on ln until ctx ends: through net/http with h2c, as

@@ -57,6 +57,10 @@ func TestSpawnedServer(t *testing.T) {
 	if rep.Server.CPUMicrosPerHeartbeat < 0 || rep.Server.RSSEndBytes <= 0 {
 		t.Errorf("server figures not measured: %+v", rep.Server)
 	}
+	// 20 agents, each with at least a handler and grpc-go's reader.
+	if rep.Server.GoroutinesPerAgent < 2 || rep.Server.StackPerAgentBytes <= 0 || rep.Server.HeapPerAgentBytes <= 0 || rep.Server.HeapIdlePerAgentBytes < 0 {
+		t.Errorf("server's Go runtime figures not read from /metrics: %+v", rep.Server)
+	}
 	for _, k := range []string{"grpc-web", "grpc"} {
 		if rep.HeartbeatLatencyKind[k].Count == 0 {
 			t.Errorf("no heartbeat latency samples over %s: %+v", k, rep.HeartbeatLatencyKind)
@@ -65,7 +69,7 @@ func TestSpawnedServer(t *testing.T) {
 	if rep.Logs == nil || rep.Logs.LinesStored == 0 || rep.Logs.LineLatency.Count == 0 || rep.Logs.Completed != 2 {
 		t.Errorf("log load not measured: %+v", rep.Logs)
 	}
-	for _, want := range []string{"heartbeats/s handled", "heartbeat→watcher", "log lines", "server CPU per heartbeat"} {
+	for _, want := range []string{"heartbeats/s handled", "heartbeat→watcher", "log lines", "server CPU per heartbeat", "server Go runtime per agent"} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, stdout.String())
 		}
@@ -86,6 +90,9 @@ func TestFloor(t *testing.T) {
 	}
 	if rep.Scenario.Server != "floor" || rep.HeartbeatsHandled <= 0 || rep.Server.CPUPercent < 0 {
 		t.Errorf("floor run: server %q, handled %.1f/s, cpu %.1f%%", rep.Scenario.Server, rep.HeartbeatsHandled, rep.Server.CPUPercent)
+	}
+	if rep.Server.GoroutinesPerAgent <= 0 || rep.Server.StackPerAgentBytes <= 0 || rep.Server.HeapPerAgentBytes <= 0 {
+		t.Errorf("floor's Go runtime figures not read: %+v", rep.Server)
 	}
 }
 

@@ -87,6 +87,14 @@ type Server struct {
 	// end / agents.
 	RSSPerAgentBytes float64 `json:"rss_per_agent_bytes"`
 	RSSTotalPerAgent float64 `json:"rss_total_per_agent_bytes"`
+	// From the server's /metrics at the end, divided by agents (-1:
+	// unknown): Go goroutines, goroutine stacks and heap in use.
+	GoroutinesPerAgent float64 `json:"goroutines_per_agent"`
+	StackPerAgentBytes float64 `json:"stack_per_agent_bytes"`
+	HeapPerAgentBytes  float64 `json:"heap_per_agent_bytes"`
+	// HeapIdlePerAgentBytes is free heap the runtime has not returned to
+	// the OS yet (part of RSS; the scavenger returns it over minutes).
+	HeapIdlePerAgentBytes float64 `json:"heap_idle_per_agent_bytes"`
 }
 
 // Latency summarises samples in milliseconds.
@@ -158,6 +166,14 @@ func (r *Report) fill(cfg Config, before, after point, elapsed time.Duration, ws
 		r.Server.RSSPerAgentBytes = float64(after.rss-r.Server.RSSBaselineBytes) / float64(cfg.Agents)
 		r.Server.RSSTotalPerAgent = float64(after.rss) / float64(cfg.Agents)
 	}
+	per := func(v int64) float64 {
+		if v < 0 || cfg.Agents == 0 {
+			return -1
+		}
+		return float64(v) / float64(cfg.Agents)
+	}
+	r.Server.GoroutinesPerAgent, r.Server.StackPerAgentBytes, r.Server.HeapPerAgentBytes = per(after.goroutines), per(after.stack), per(after.heap)
+	r.Server.HeapIdlePerAgentBytes = per(after.heapIdle)
 	r.AgentReconnects = end.Reconnects
 	r.AgentConnErrors = end.ConnErrors
 
@@ -256,6 +272,10 @@ func (r *Report) WriteTable(out io.Writer) {
 	if r.Server.RSSEndBytes > 0 {
 		row("server RSS", "%.1f MiB (baseline %.1f MiB)", mib(r.Server.RSSEndBytes), mib(r.Server.RSSBaselineBytes))
 		row("server RSS per agent", "%.1f KB above baseline, %.1f KB total", r.Server.RSSPerAgentBytes/1000, r.Server.RSSTotalPerAgent/1000)
+	}
+	if r.Server.StackPerAgentBytes >= 0 {
+		row("server Go runtime per agent", "%.2f goroutines, %.1f KB stack, %.1f KB heap in use, %.1f KB heap free not yet returned",
+			r.Server.GoroutinesPerAgent, r.Server.StackPerAgentBytes/1000, r.Server.HeapPerAgentBytes/1000, r.Server.HeapIdlePerAgentBytes/1000)
 	}
 	if r.HeartbeatLatency.Count > 0 {
 		l := r.HeartbeatLatency

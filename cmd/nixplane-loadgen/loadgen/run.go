@@ -237,10 +237,15 @@ type point struct {
 	rss      int64
 	handled  int64
 	resyncsS int64
+	// The server's Go runtime: goroutines, stack and heap in use (-1:
+	// unknown).
+	goroutines, stack, heap int64
+	// heapIdle is heap memory free but not yet returned to the OS.
+	heapIdle int64
 }
 
 func measure(tg *target, s statsSnap) point {
-	p := point{at: time.Now(), agents: s, handled: -1}
+	p := point{at: time.Now(), agents: s, handled: -1, goroutines: -1, stack: -1, heap: -1, heapIdle: -1}
 	if tg.pid > 0 {
 		if c, err := procCPU(tg.pid); err == nil {
 			p.cpu, p.cpuOK = c, true
@@ -248,38 +253,52 @@ func measure(tg *target, s statsSnap) point {
 		p.rss, _, _ = procRSS(tg.pid)
 	}
 	if tg.metricsURL != "" {
-		if n, err := scrapeCounter(tg.metricsURL, tg.admin, "nixplane_heartbeats_total"); err == nil {
-			p.handled = n
+		if v, err := scrapeSeries(tg.metricsURL, tg.admin); err == nil {
+			for name, dst := range map[string]*int64{"nixplane_heartbeats_total": &p.handled, "go_goroutines": &p.goroutines,
+				"go_memstats_stack_inuse_bytes": &p.stack, "go_memstats_heap_inuse_bytes": &p.heap} {
+				if n, ok := v[name]; ok {
+					*dst = n
+				}
+			}
+			idle, ok1 := v["go_memstats_heap_idle_bytes"]
+			released, ok2 := v["go_memstats_heap_released_bytes"]
+			if ok1 && ok2 {
+				p.heapIdle = idle - released
+			}
 		}
 	}
 	return p
 }
 
-// scrapeCounter reads one un-labelled series from a Prometheus text page.
-func scrapeCounter(url, token, name string) (int64, error) {
+// scrapeSeries reads the un-labelled series of a Prometheus text page.
+func scrapeSeries(url, token string) (map[string]int64, error) {
 	req, err := http.NewRequest(http.MethodGet, url, nil)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET %s: %s", url, resp.Status)
+		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
+	out := map[string]int64{}
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			return int64(f), err
+		name, v, ok := strings.Cut(sc.Text(), " ")
+		if !ok || strings.HasPrefix(name, "#") || strings.Contains(name, "{") {
+			continue
+		}
+		if f, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil {
+			out[name] = int64(f)
 		}
 	}
-	return 0, fmt.Errorf("GET %s: no %s", url, name)
+	return out, sc.Err()
 }
 
 func pollUntil(ctx context.Context, limit time.Duration, ok func() bool) error {
