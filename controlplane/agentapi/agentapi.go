@@ -117,10 +117,18 @@ func (s *Server) ending(ctx context.Context, e *streamEnd) context.CancelCauseFu
 			e.cancel(cause)
 			return
 		}
-		if st, _ := s.endStatus(cause); st != nil && w != nil {
-			_ = w.WriteStatus(st)
+		st, _ := s.endStatus(cause)
+		if st == nil || w == nil {
+			e.cancel(cause)
+			return
 		}
-		e.cancel(cause)
+		// The hub calls this under its locks; on net/http's transport a
+		// status waits behind the stream's pending writes, so it is
+		// written on its own goroutine, and the cancellation follows it.
+		go func() {
+			_ = w.WriteStatus(st)
+			e.cancel(cause)
+		}()
 	}
 }
 
