@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,10 +51,17 @@ type Conn struct {
 }
 
 // Start listens on addr ("127.0.0.1:0" for any port) and serves until the
-// test ends or Stop is called.
+// test ends or Stop is called. A fixed port that is still busy (a server
+// started again on the address of a stopped one, while some socket of the
+// machine briefly holds the port) is tried again for up to ten seconds.
 func Start(t testing.TB, addr, token string) *Server {
 	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
 	lis, err := net.Listen("tcp", addr)
+	for err != nil && errors.Is(err, syscall.EADDRINUSE) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond) // pacing the bind retries, not a wait for state
+		lis, err = net.Listen("tcp", addr)
+	}
 	if err != nil {
 		t.Fatalf("listen %s: %v", addr, err)
 	}
