@@ -79,6 +79,12 @@ type streamEnd struct {
 	cause  atomic.Pointer[error]
 }
 
+// ending reports whether the server is ending the stream: a cause was
+// given (its status may still be on the way) or the context is done.
+func (e *streamEnd) ending(ctx context.Context) bool {
+	return e.cause.Load() != nil || ctx.Err() != nil
+}
+
 // why is the first cause the server gave, else the context's.
 func (e *streamEnd) why(ctx context.Context) error {
 	if c := e.cause.Load(); c != nil {
@@ -108,14 +114,17 @@ type statusWriter interface {
 	WriteStatus(*status.Status) error
 }
 
+// statusWait bounds how long the end of a session waits for its status to
+// be written before it cancels the stream regardless.
+const statusWait = time.Second
+
 // ending ends the stream of ctx for cause: the status that tells the agent
 // why, then the cancellation that makes the handler's Recv return.
 func (s *Server) ending(ctx context.Context, e *streamEnd) context.CancelCauseFunc {
 	w, _ := grpc.ServerTransportStreamFromContext(ctx).(statusWriter)
 	return func(cause error) {
 		if cause == nil || !e.cause.CompareAndSwap(nil, &cause) {
-			e.cancel(cause)
-			return
+			return // the first cause is being acted on
 		}
 		st, _ := s.endStatus(cause)
 		if st == nil || w == nil {
@@ -123,10 +132,13 @@ func (s *Server) ending(ctx context.Context, e *streamEnd) context.CancelCauseFu
 			return
 		}
 		// The hub calls this under its locks; on net/http's transport a
-		// status waits behind the stream's pending writes, so it is
-		// written on its own goroutine, and the cancellation follows it.
+		// status waits behind the stream's pending writes (an agent that
+		// stopped reading), so it is written on its own goroutine, and the
+		// cancellation follows it — at the latest after statusWait.
 		go func() {
+			t := time.AfterFunc(statusWait, func() { e.cancel(cause) })
 			_ = w.WriteStatus(st)
+			t.Stop()
 			e.cancel(cause)
 		}()
 	}
@@ -166,7 +178,9 @@ func (s *Server) Connect(stream agentv1.AgentService_ConnectServer) error {
 		s.logger().Error("AgentService.Connect served without agentapi.CancellableStream")
 		return status.Error(codes.Internal, "agent streams are not set up on this server")
 	}
-	defer ender.cancel(nil)
+	// No cancel of the stream's context on return: on net/http's transport
+	// that would race grpc-go writing the status returned here (the
+	// transport ends the context itself once the stream is done).
 	sess, err := s.open(ctx, stream, ender)
 	if err != nil {
 		return err
@@ -253,10 +267,10 @@ func (s *Server) close(sess *session) {
 func (s *Server) serve(ctx context.Context, stream agentv1.AgentService_ConnectServer, ender *streamEnd, sess *session) error {
 	for {
 		m, err := stream.Recv()
-		if err == nil && ctx.Err() == nil {
+		if err == nil && !ender.ending(ctx) {
 			err = s.handle(ctx, sess.conn, m)
 		}
-		if err == nil && ctx.Err() == nil {
+		if err == nil && !ender.ending(ctx) {
 			continue
 		}
 		return s.ended(ctx, ender, sess, err)
@@ -310,7 +324,9 @@ func (s *Server) recvHello(ctx context.Context, stream agentv1.AgentService_Conn
 	}
 	timer := time.AfterFunc(wait, func() { end(errNoHello) })
 	m, err := stream.Recv()
-	if !timer.Stop() && errors.Is(ender.why(ctx), errNoHello) {
+	if !timer.Stop() {
+		// The timeout fired (and is ending the stream), even if the hello
+		// came in at that moment.
 		st, _ := s.endStatus(errNoHello)
 		return nil, st.Err()
 	}
