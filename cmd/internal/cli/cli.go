@@ -211,6 +211,7 @@ func serverFlags(f *flags) (*controlplane.Config, *string, *string) {
 	f.StringVar(&cfg.GitHubMergeMethod, "github-merge-method", "merge", "how Merge & Deploy merges the PR: merge, squash or rebase")
 	f.DurationVar(&cfg.LogRetention, "log-retention", 30*24*time.Hour, "how long ended commands and their logs are kept")
 	f.BoolVar(&cfg.TrustProxyHeaders, "trust-proxy-headers", false, "honour X-Forwarded-Proto from a TLS-terminating proxy")
+	f.IntVar(&cfg.GCPercent, "gc-percent", controlplane.DefaultGCPercent, "Go GC target: heap growth in percent before a collection (GOGC in the environment wins)")
 	origins := f.String("allowed-origins", "", "comma-separated extra browser origins allowed to make changes")
 	level := f.String("log-level", "info", "log level: debug, info, warn, error")
 	return cfg, origins, level
@@ -226,6 +227,12 @@ func serve(ctx context.Context, args []string, env Env) error {
 	}
 	if cfg.DataDir == "" {
 		return usagef("--data-dir (or NIXPLANE_DATA_DIR) is required")
+	}
+	if cfg.GCPercent <= 0 {
+		return usagef("--gc-percent must be positive, got %d", cfg.GCPercent)
+	}
+	if env.Getenv("GOGC") != "" {
+		cfg.GCPercent = 0 // the runtime already follows GOGC
 	}
 	if *origins != "" {
 		cfg.AllowedOrigins = strings.Split(*origins, ",")

@@ -7,10 +7,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime/debug"
+	"runtime/metrics"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nixplane/nixplane/controlplane"
 )
 
 // syncBuffer is a bytes.Buffer safe for a writer and a reader goroutine.
@@ -182,5 +186,57 @@ func TestMergeAndDeployUsage(t *testing.T) {
 	}
 	if code, _, stderr := cliRun(context.Background(), map[string]string{"NIXPLANE_TOKEN": "t"}, "merge-and-deploy", "1"); code != ExitUsage || !strings.Contains(stderr, "--server") {
 		t.Errorf("without a server: exit %d, stderr %q", code, stderr)
+	}
+}
+
+// TestServeGCPercent: serve sets the process's GC target from --gc-percent
+// (default controlplane.DefaultGCPercent), leaves it alone when GOGC is in
+// the environment, and refuses a target that is not positive.
+func TestServeGCPercent(t *testing.T) {
+	gogc := func() uint64 {
+		s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+		metrics.Read(s)
+		return s[0].Value.Uint64()
+	}
+	before := debug.SetGCPercent(100)
+	t.Cleanup(func() { debug.SetGCPercent(before) })
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name string
+		vars map[string]string
+		args []string
+		want uint64
+	}{
+		{"flag", nil, []string{"--gc-percent", "37"}, 37},
+		{"default", nil, nil, controlplane.DefaultGCPercent},
+		{"GOGC wins", map[string]string{"GOGC": "100"}, []string{"--gc-percent", "37"}, 100},
+	} {
+		debug.SetGCPercent(100)
+		ctx, cancel := context.WithCancel(context.Background())
+		var out, errb syncBuffer
+		done := make(chan int, 1)
+		args := append([]string{"serve", "--listen", "127.0.0.1:0", "--data-dir", filepath.Join(dir, tc.name)}, tc.args...)
+		go func() {
+			done <- Main(ctx, args, Env{Stdout: &out, Stderr: &errb, Getenv: func(k string) string { return tc.vars[k] }})
+		}()
+		for deadline := time.Now().Add(time.Minute); !strings.Contains(errb.String(), "nixplane serving"); {
+			if time.Now().After(deadline) {
+				cancel()
+				t.Fatalf("%s: the server did not start: %s", tc.name, errb.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		got := gogc()
+		cancel()
+		if code := <-done; code != ExitOK {
+			t.Errorf("%s: serve exited %d: %s", tc.name, code, errb.String())
+		}
+		if got != tc.want {
+			t.Errorf("%s: GC target %d while serving, want %d", tc.name, got, tc.want)
+		}
+	}
+	code, _, stderr := cliRun(context.Background(), nil, "serve", "--data-dir", dir, "--gc-percent", "0")
+	if code != ExitUsage || !strings.Contains(stderr, "--gc-percent") {
+		t.Errorf("--gc-percent 0: exit %d, %q; want a usage error", code, stderr)
 	}
 }
