@@ -61,8 +61,10 @@ func waitCompartments(t *testing.T, s *Server, hosts []string, git, lock typesv1
 			h := s.Host(id)
 			out[id] = h
 			g, l := compartmentsOf(h)
-			return g.GetStatus() == git && l.GetStatus() == lock,
-				fmt.Sprintf("%s: git %v %q, lock %v %q; want git %v, lock %v", id, g.GetStatus(), g.GetMessage(), l.GetStatus(), l.GetMessage(), git, lock)
+			// Refreshed: the agent's own report (the System compartment,
+			// the generation) is in, not only the server's view of the target.
+			return r.Refreshed && g.GetStatus() == git && l.GetStatus() == lock,
+				fmt.Sprintf("%s: refreshed %v, git %v %q, lock %v %q; want git %v, lock %v", id, r.Refreshed, g.GetStatus(), g.GetMessage(), l.GetStatus(), l.GetMessage(), git, lock)
 		})
 	}
 	return out

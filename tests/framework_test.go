@@ -455,12 +455,14 @@ func (s *Server) Host(id string) *fleetv1.Host {
 }
 
 // WaitOnline waits until the host is online with a heartbeat's metrics.
+// A host is online from its Hello on, before the agent has its Welcome;
+// the first heartbeat comes after the Welcome.
 func (s *Server) WaitOnline(id string) *fleetv1.Host {
 	s.t.Helper()
 	var h *fleetv1.Host
 	waitFor(s.t, stateTimeout, func() (bool, string) {
 		h = s.Host(id)
-		return h.Online, fmt.Sprintf("host %s online=%v", id, h.Online)
+		return h.Online && h.GetMetrics() != nil, fmt.Sprintf("host %s online=%v metrics=%v", id, h.Online, h.GetMetrics())
 	})
 	return h
 }
