@@ -213,7 +213,17 @@ func (s *Server) open(ctx context.Context, stream agentv1.AgentService_ConnectSe
 	if err := validate.Hello(hello); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	// Once registered, the session can be sent to (a command, a refresh)
+	// from other goroutines; the sender stays locked until the Welcome is
+	// out, so the agent always hears the Welcome first.
 	sender := &streamSender{s: stream}
+	sender.mu.Lock()
+	welcomed := false
+	defer func() {
+		if !welcomed {
+			sender.mu.Unlock()
+		}
+	}()
 	conn, rec, err := s.Hub.Connect(id.Name, hello, sender, end)
 	if errors.Is(err, hub.ErrUnknownHost) {
 		// Registered offline (nixplane hosts add --data-dir) while the
@@ -243,8 +253,11 @@ func (s *Server) open(ctx context.Context, stream agentv1.AgentService_ConnectSe
 			log.Warn("store host after hello", "host", id.Name, "err", err)
 		}
 	}
-	if err := sender.Send(&agentv1.ConnectResponse{Msg: &agentv1.ConnectResponse_Welcome{Welcome: &agentv1.Welcome{
-		HostId: id.Name, ServerVersion: s.ServerVersion, HeartbeatInterval: durationpb.New(0)}}}); err != nil {
+	err = stream.Send(&agentv1.ConnectResponse{Msg: &agentv1.ConnectResponse_Welcome{Welcome: &agentv1.Welcome{
+		HostId: id.Name, ServerVersion: s.ServerVersion, HeartbeatInterval: durationpb.New(0)}}})
+	welcomed = true
+	sender.mu.Unlock()
+	if err != nil {
 		s.close(sess)
 		return nil, err
 	}

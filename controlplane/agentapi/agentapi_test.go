@@ -2,9 +2,12 @@ package agentapi
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"path/filepath"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -273,5 +276,40 @@ func TestConnectNeedsCancellableStream(t *testing.T) {
 	_, err := ts.session(t, context.Background(), &agentv1.Hello{Hostname: "web-1", AgentVersion: "1.0.0"})
 	if status.Code(err) != codes.Internal {
 		t.Fatalf("Connect without the tap: %v, want Internal", err)
+	}
+}
+
+// TestWelcomeComesFirst: a message sent to a session as soon as the hub
+// has it (a refresh or a command racing the connect) reaches the agent
+// after its Welcome, never before.
+func TestWelcomeComesFirst(t *testing.T) {
+	ts := newTestServer(t, "web-1")
+	for i := range 30 {
+		ctx, cancel := context.WithCancel(context.Background())
+		sent := make(chan error, 1)
+		go func() {
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+				if c := ts.hub.Conn("web-1"); c != nil {
+					sent <- c.Send(&agentv1.ConnectResponse{Msg: &agentv1.ConnectResponse_Refresh{Refresh: &agentv1.RefreshStatus{RequestId: "r"}}})
+					return
+				}
+				runtime.Gosched()
+			}
+			sent <- errors.New("the session never registered")
+		}()
+		// A new generation each round: the hello changes the record, so the
+		// server stores it between registering and welcoming.
+		stream, err := ts.session(t, ctx, &agentv1.Hello{Hostname: "web-1", AgentVersion: "1.0.0", Generation: fmt.Sprintf("%08x", i+1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := <-sent; err != nil {
+			t.Fatal(err)
+		}
+		if m, err := stream.Recv(); err != nil || m.GetRefresh() == nil {
+			t.Fatalf("round %d: after the welcome %v, %v; want the refresh", i, m, err)
+		}
+		cancel()
+		ts.waitOffline(t, "web-1")
 	}
 }
