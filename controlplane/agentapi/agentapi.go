@@ -123,7 +123,10 @@ const statusWait = time.Second
 func (s *Server) ending(ctx context.Context, e *streamEnd) context.CancelCauseFunc {
 	w, _ := grpc.ServerTransportStreamFromContext(ctx).(statusWriter)
 	return func(cause error) {
-		if cause == nil || !e.cause.CompareAndSwap(nil, &cause) {
+		if cause == nil {
+			cause = context.Canceled
+		}
+		if !e.cause.CompareAndSwap(nil, &cause) {
 			return // the first cause is being acted on
 		}
 		st, _ := s.endStatus(cause)
