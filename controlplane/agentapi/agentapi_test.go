@@ -65,6 +65,26 @@ type testOptions struct {
 
 func newTestServerWith(t *testing.T, opts testOptions, hosts ...string) *testServer {
 	t.Helper()
+	gs, st, hb := newAgentServer(t, opts, hosts...)
+	ln := bufconn.Listen(1 << 20)
+	go func() { _ = gs.Serve(ln) }()
+	t.Cleanup(gs.Stop)
+	conn, err := grpc.NewClient("passthrough:///bufconn",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return ln.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &testServer{st: st, hub: hb, conn: conn}
+}
+
+// newAgentServer is a gRPC server with AgentService on a real SQLite store
+// holding hosts, its hub and command manager; the host named in a request's
+// "x-test-host" metadata is the caller, as a verified agent token would
+// make it. The caller serves it.
+func newAgentServer(t *testing.T, opts testOptions, hosts ...string) (*grpc.Server, *countingStore, *hub.Hub) {
+	t.Helper()
 	ctx := context.Background()
 	sq, err := store.Open(ctx, filepath.Join(t.TempDir(), "nixplane.db"), store.WithLogger(quietLog))
 	if err != nil {
@@ -100,17 +120,7 @@ func newTestServerWith(t *testing.T, opts testOptions, hosts ...string) *testSer
 	}
 	gs := grpc.NewServer(sopts...)
 	agentv1.RegisterAgentServiceServer(gs, &Server{Hub: hb, Commands: cm, Hosts: st, ServerVersion: "1.0.0", HelloTimeout: opts.helloTimeout, Log: quietLog})
-	ln := bufconn.Listen(1 << 20)
-	go func() { _ = gs.Serve(ln) }()
-	t.Cleanup(gs.Stop)
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return ln.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return &testServer{st: st, hub: hb, conn: conn}
+	return gs, st, hb
 }
 
 type identityStream struct {

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -17,12 +16,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/nixplane/nixplane/controlplane/auth"
-	"github.com/nixplane/nixplane/controlplane/commands"
 	"github.com/nixplane/nixplane/controlplane/hub"
-	"github.com/nixplane/nixplane/controlplane/store"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
-	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
 
 // serveHTTP serves AgentService through grpc.Server.ServeHTTP behind an
@@ -30,32 +25,7 @@ import (
 // it, and returns the hub and a client connection.
 func serveHTTP(t *testing.T, dial ...grpc.DialOption) (*hub.Hub, *grpc.ClientConn) {
 	t.Helper()
-	ctx := context.Background()
-	sq, err := store.Open(ctx, filepath.Join(t.TempDir(), "nixplane.db"), store.WithLogger(quietLog))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sq.Close() })
-	if err := sq.CreateHost(ctx, store.Host{ID: "web-1", Record: &fleetv1.Host{HostId: "web-1", Hostname: "web-1"}, CreatedAt: time.Now()}, []byte("hash-web-1")); err != nil {
-		t.Fatal(err)
-	}
-	hb, err := hub.New(ctx, hub.Config{ServerVersion: "1.0.0", Store: sq, Log: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cm, err := commands.New(ctx, commands.Config{Hub: hb, Store: sq, Log: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		md, _ := metadata.FromIncomingContext(ss.Context())
-		var id *auth.Identity
-		if v := md.Get("x-test-host"); len(v) == 1 {
-			id = &auth.Identity{Kind: auth.KindAgent, Name: v[0]}
-		}
-		return handler(srv, &identityStream{ServerStream: ss, ctx: auth.WithIdentity(ss.Context(), id)})
-	}))
-	agentv1.RegisterAgentServiceServer(gs, &Server{Hub: hb, Commands: cm, Hosts: sq, ServerVersion: "1.0.0", Log: quietLog})
+	gs, _, hb := newAgentServer(t, testOptions{}, "web-1")
 	hs := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == agentv1.AgentService_Connect_FullMethodName {
 			r = r.WithContext(CancellableStream(r.Context()))
