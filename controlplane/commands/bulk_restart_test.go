@@ -402,9 +402,10 @@ func TestBulkThatCannotContinue(t *testing.T) {
 		rs["a"].GetCommand().GetState() != typesv1.CommandState_COMMAND_STATE_SUCCEEDED {
 		t.Fatalf("bulk-gone = %v", got)
 	}
-	if got := e.hub.Snapshot().ActiveBulks; len(got) != 0 {
-		t.Fatalf("the snapshot lists %d runs after every run ended", len(got))
-	}
+	// A run's end is published to the hub just after its state changes.
+	waitUntil(t, "the snapshot to list no run once every run ended", func() bool {
+		return len(e.hub.Snapshot().ActiveBulks) == 0
+	})
 	evs, err := st.ListAudit(ctx, "", 10, 0)
 	if err != nil || len(evs) != 3 {
 		t.Fatalf("audit = %+v, %v", evs, err)
