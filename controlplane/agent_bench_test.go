@@ -21,7 +21,6 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/nixplane/nixplane/controlplane"
-	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
 	"github.com/nixplane/nixplane/controlplane/store"
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
@@ -52,11 +51,8 @@ func benchAgentHeartbeat(b *testing.B, watchers int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	rec, hostToken, err := fleetapi.NewHost(&fleetv1.AddHostRequest{Hostname: "bench"})
+	_, hostToken, err := fleetapi.RegisterHost(ctx, st, &fleetv1.AddHostRequest{Hostname: "bench"}, time.Now())
 	if err != nil {
-		b.Fatal(err)
-	}
-	if err := st.CreateHost(ctx, store.Host{ID: rec.HostId, Record: rec, CreatedAt: time.Now()}, auth.HashSecret(hostToken)); err != nil {
 		b.Fatal(err)
 	}
 	tokRec, admin, err := fleetapi.NewAPIToken("bench", adminv1.Scope_SCOPE_ADMIN, 0)

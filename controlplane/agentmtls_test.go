@@ -22,9 +22,7 @@ import (
 
 	"github.com/nixplane/nixplane/agent/session"
 	"github.com/nixplane/nixplane/controlplane"
-	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
-	"github.com/nixplane/nixplane/controlplane/store"
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
@@ -63,11 +61,8 @@ func startMTLSServer(t *testing.T) *mtlsEnv {
 		t.Fatal(err)
 	}
 	for _, h := range []string{"web-1", "web-2"} {
-		rec, tok, err := fleetapi.NewHost(&fleetv1.AddHostRequest{Hostname: h})
+		_, tok, err := fleetapi.RegisterHost(ctx, st, &fleetv1.AddHostRequest{Hostname: h}, time.Now())
 		if err != nil {
-			t.Fatal(err)
-		}
-		if err := st.CreateHost(ctx, store.Host{ID: h, Record: rec, CreatedAt: time.Now()}, auth.HashSecret(tok)); err != nil {
 			t.Fatal(err)
 		}
 		e.tokens[h] = tok

@@ -74,11 +74,8 @@ func startSecEnvWith(t *testing.T, seedUser func(st *store.SQLite), tune func(*c
 	}
 	e := &secEnv{agent: map[string]string{}, api: map[string]string{}}
 	for _, h := range []string{"m-1", "m-2", "m-3"} {
-		rec, tok, err := fleetapi.NewHost(&fleetv1.AddHostRequest{Hostname: h})
+		_, tok, err := fleetapi.RegisterHost(ctx, st, &fleetv1.AddHostRequest{Hostname: h}, time.Now())
 		if err != nil {
-			t.Fatal(err)
-		}
-		if err := st.CreateHost(ctx, store.Host{ID: h, Record: rec, CreatedAt: time.Now()}, auth.HashSecret(tok)); err != nil {
 			t.Fatal(err)
 		}
 		e.agent[h] = tok

@@ -15,9 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/nixplane/nixplane/controlplane"
-	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
-	"github.com/nixplane/nixplane/controlplane/store"
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
@@ -41,11 +39,8 @@ func startServer(t *testing.T, scope adminv1.Scope) (addr, apiToken, hostToken s
 	if err := st.CreateAPIToken(ctx, tok); err != nil {
 		t.Fatal(err)
 	}
-	rec, htok, err := fleetapi.NewHost(&fleetv1.AddHostRequest{Hostname: "m-1"})
+	_, htok, err := fleetapi.RegisterHost(ctx, st, &fleetv1.AddHostRequest{Hostname: "m-1"}, time.Now())
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.CreateHost(ctx, store.Host{ID: rec.HostId, Record: rec, CreatedAt: time.Now()}, auth.HashSecret(htok)); err != nil {
 		t.Fatal(err)
 	}
 	st.Close()

@@ -11,9 +11,7 @@ import (
 	"time"
 
 	"github.com/nixplane/nixplane/controlplane"
-	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
-	"github.com/nixplane/nixplane/controlplane/store"
 	agentv1 "github.com/nixplane/nixplane/gen/nixplane/agent/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
@@ -42,11 +40,8 @@ func TestStoppingServerSuggestsTheReconnectDelay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec, token, err := fleetapi.NewHost(&fleetv1.AddHostRequest{Hostname: "web-1"})
+	_, token, err := fleetapi.RegisterHost(ctx, st, &fleetv1.AddHostRequest{Hostname: "web-1"}, time.Now())
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := st.CreateHost(ctx, store.Host{ID: "web-1", Record: rec, CreatedAt: time.Now()}, auth.HashSecret(token)); err != nil {
 		t.Fatal(err)
 	}
 	st.Close()

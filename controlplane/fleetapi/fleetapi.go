@@ -379,20 +379,48 @@ func (f *Fleet) FollowCommandLog(req *fleetv1.FollowCommandLogRequest, stream fl
 
 // AddHost implements FleetService.
 func (f *Fleet) AddHost(ctx context.Context, req *fleetv1.AddHostRequest) (*fleetv1.AddHostResponse, error) {
-	rec, tok, err := NewHost(req)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
 	now := time.Now()
-	if err := f.Store.CreateHost(ctx, store.Host{ID: rec.HostId, Record: rec, CreatedAt: now}, auth.HashSecret(tok)); err != nil {
-		if errors.Is(err, store.ErrExists) {
-			return nil, status.Errorf(codes.AlreadyExists, "host %q exists already", rec.HostId)
-		}
+	rec, tok, err := RegisterHost(ctx, f.Store, req, now)
+	var invalid *InvalidHostError
+	switch {
+	case errors.As(err, &invalid):
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, store.ErrExists):
+		return nil, status.Errorf(codes.AlreadyExists, "host %q exists already", rec.HostId)
+	case err != nil:
 		return nil, f.toStatus(err)
 	}
 	f.Hub.AddHost(rec, now)
 	h, _ := f.Hub.Host(rec.HostId)
 	return &fleetv1.AddHostResponse{Host: h, AgentToken: tok}, nil
+}
+
+// HostCreator is where RegisterHost keeps a new host.
+type HostCreator interface {
+	CreateHost(ctx context.Context, h store.Host, tokenHash []byte) error
+}
+
+// InvalidHostError is RegisterHost's answer to a request that does not
+// describe a valid host (its message says why).
+type InvalidHostError struct{ Err error }
+
+func (e *InvalidHostError) Error() string { return e.Err.Error() }
+func (e *InvalidHostError) Unwrap() error { return e.Err }
+
+// RegisterHost checks req (NewHost), stores the new host created at now with
+// the hash of a fresh agent token, and returns the record and the token —
+// shown once, never stored. Errors: *InvalidHostError for a bad request
+// (nothing stored), store.ErrExists when the host is there already (the
+// record is returned all the same, for its name).
+func RegisterHost(ctx context.Context, st HostCreator, req *fleetv1.AddHostRequest, now time.Time) (*fleetv1.Host, string, error) {
+	rec, tok, err := NewHost(req)
+	if err != nil {
+		return nil, "", &InvalidHostError{Err: err}
+	}
+	if err := st.CreateHost(ctx, store.Host{ID: rec.HostId, Record: rec, CreatedAt: now}, auth.HashSecret(tok)); err != nil {
+		return rec, "", err
+	}
+	return rec, tok, nil
 }
 
 // NewHost validates an AddHostRequest and returns the host record and a new

@@ -277,14 +277,17 @@ func withConn(t *target, fn func(*grpc.ClientConn) (string, error)) (string, err
 }
 
 func addHostOffline(ctx context.Context, dir string, req *fleetv1.AddHostRequest) (string, error) {
-	rec, tok, err := fleetapi.NewHost(req)
-	if err != nil {
-		return "", usagef("%v", err)
-	}
-	err = withStore(ctx, dir, func(st *store.SQLite) error {
-		return st.CreateHost(ctx, store.Host{ID: rec.HostId, Record: rec, CreatedAt: time.Now()}, auth.HashSecret(tok))
+	var rec *fleetv1.Host
+	var tok string
+	err := withStore(ctx, dir, func(st *store.SQLite) (err error) {
+		rec, tok, err = fleetapi.RegisterHost(ctx, st, req, time.Now())
+		return err
 	})
-	if errors.Is(err, store.ErrExists) {
+	var invalid *fleetapi.InvalidHostError
+	switch {
+	case errors.As(err, &invalid):
+		return "", usagef("%v", err)
+	case errors.Is(err, store.ErrExists):
 		return "", fmt.Errorf("host %q exists already (rotate its token with 'nixplane hosts rotate-token')", rec.HostId)
 	}
 	return tok, err

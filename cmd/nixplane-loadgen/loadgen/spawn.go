@@ -21,9 +21,7 @@ import (
 
 	"github.com/nixplane/nixplane/cmd/internal/cli"
 	"github.com/nixplane/nixplane/controlplane"
-	"github.com/nixplane/nixplane/controlplane/auth"
 	"github.com/nixplane/nixplane/controlplane/fleetapi"
-	"github.com/nixplane/nixplane/controlplane/store"
 	adminv1 "github.com/nixplane/nixplane/gen/nixplane/admin/v1"
 	fleetv1 "github.com/nixplane/nixplane/gen/nixplane/fleet/v1"
 )
@@ -64,11 +62,8 @@ func provision(ctx context.Context, dir string, names []string) ([]HostToken, st
 	hosts := make([]HostToken, 0, len(names))
 	now := time.Now()
 	for _, n := range names {
-		h, tok, err := fleetapi.NewHost(&fleetv1.AddHostRequest{Hostname: n, Location: "loadgen"})
+		_, tok, err := fleetapi.RegisterHost(ctx, st, &fleetv1.AddHostRequest{Hostname: n, Location: "loadgen"}, now)
 		if err != nil {
-			return nil, "", err
-		}
-		if err := st.CreateHost(ctx, store.Host{ID: h.HostId, Record: h, CreatedAt: now}, auth.HashSecret(tok)); err != nil {
 			return nil, "", fmt.Errorf("register %s: %w", n, err)
 		}
 		hosts = append(hosts, HostToken{Name: n, Token: tok})
